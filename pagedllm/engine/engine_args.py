@@ -1,0 +1,93 @@
+"""EngineArgs: what a user may set (vLLM's names), resolved once into a validated EngineConfig."""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.config import GiB, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pagedllm.models import loader
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "half": "float16"}
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    load_format: str = "auto"
+    enable_prefix_caching: bool = True
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int | None = None
+    num_gpu_blocks_override: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    device: str | None = None
+    served_model_name: str | None = None
+    tensor_parallel_size: int = 1
+
+    def create_config(self) -> tuple[EngineConfig, loader.ModelSource]:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        dtype = self._dtype(device)
+        source = loader.resolve(self.model, self.load_format)
+        hf_config = loader.load_config(source)
+        from pagedllm.models.registry import model_class
+        model_class(hf_config)  # fail early on an unsupported architecture
+        max_model_len = self._max_model_len(hf_config)
+        _check(self.block_size in (8, 16, 32, 64, 128), "block_size", f"must be 8, 16, 32, 64 or 128, got {self.block_size}")
+        _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+               f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        batched = self.max_num_batched_tokens or (8192 if device.startswith("cuda") else 2048)
+        _check(batched >= 1, "max_num_batched_tokens", f"must be >= 1, got {batched}")
+        model_config = ModelConfig(model=source.name, hf_config=hf_config, dtype=dtype,
+                                   max_model_len=max_model_len, load_format=self.load_format,
+                                   served_model_name=self.served_model_name)
+        cache = CacheConfig(block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
+                            gpu_memory_utilization=self.gpu_memory_utilization,
+                            kv_cache_memory=self.kv_cache_memory or 2 * GiB,
+                            num_gpu_blocks_override=self.num_gpu_blocks_override)
+        scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
+                                    max_model_len=max_model_len, eos_token_ids=frozenset(eos_ids(hf_config)))
+        return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, device=device,
+                            enforce_eager=self.enforce_eager, seed=self.seed), source
+
+    def _dtype(self, device: str) -> str:
+        if self.dtype == "auto":
+            return "bfloat16" if device.startswith("cuda") else "float32"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+    def _max_model_len(self, hf_config) -> int:
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if self.max_model_len is None:
+            return limit
+        _check(1 <= self.max_model_len <= limit, "max_model_len",
+               f"must be in [1, {limit}] (the model's max_position_embeddings), got {self.max_model_len}")
+        return self.max_model_len
+
+
+def eos_ids(hf_config) -> list[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} {message}")

@@ -1,0 +1,197 @@
+"""The paged KV cache's bookkeeping: block pool, per-request block tables, prefix caching.
+
+No tensors live here: the model runner owns the pool's memory and this module only decides which
+block ids each request uses. Every block is in exactly one state:
+  free            ref_count == 0, no hash, in the free queue
+  cached-and-free ref_count == 0, holds a full prefix block (has a hash), in the free queue
+  in use          ref_count >= 1, not in the free queue (possibly shared by several requests)
+Free blocks are handed out least-recently-freed first, so cached prefix blocks survive as long
+as the pool allows (LRU eviction).
+"""
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pagedllm.engine.request import Request
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+    token_ids: tuple[int, ...] | None = None   # kept to reject hash collisions on lookup
+
+
+def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
+    """Chained content hash: a block is identified by its tokens and everything before them."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent_hash or b"\0")
+    h.update(b",".join(str(t).encode() for t in token_ids))
+    return h.digest()
+
+
+class BlockPool:
+    """Fixed set of blocks with ref counts, an LRU free queue and the hash -> block map."""
+
+    def __init__(self, num_blocks: int) -> None:
+        assert num_blocks > 0
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[bytes, Block] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_queue)
+
+    def allocate(self, count: int) -> list[Block]:
+        assert count <= self.num_free, "caller must check capacity first"
+        out = []
+        for _ in range(count):
+            _, block = self.free_queue.popitem(last=False)
+            self._evict(block)
+            block.ref_count = 1
+            out.append(block)
+        return out
+
+    def touch(self, blocks: list[Block]) -> None:
+        """Take a reference on (possibly free) cached blocks that a new request reuses."""
+        for block in blocks:
+            if block.ref_count == 0:
+                del self.free_queue[block.block_id]
+            block.ref_count += 1
+
+    def release(self, blocks: list[Block]) -> None:
+        """Drop references; unreferenced cached blocks stay reusable, the rest are recycled first."""
+        for block in blocks:
+            assert block.ref_count > 0
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block.block_id] = block
+                if block.block_hash is None:
+                    self.free_queue.move_to_end(block.block_id, last=False)
+
+    def lookup(self, block_hash: bytes, token_ids: list[int]) -> Block | None:
+        block = self.cached.get(block_hash)
+        if block is None or block.token_ids != tuple(token_ids):
+            return None
+        return block
+
+    def register(self, block: Block, block_hash: bytes, token_ids: list[int]) -> None:
+        if block.block_hash is not None or block_hash in self.cached:
+            return  # already cached, or an identical block is: keep the first
+        block.block_hash = block_hash
+        block.token_ids = tuple(token_ids)
+        self.cached[block_hash] = block
+
+    def _evict(self, block: Block) -> None:
+        if block.block_hash is not None:
+            del self.cached[block.block_hash]
+            block.block_hash = None
+            block.token_ids = None
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.free_queue.values():
+            self._evict(block)
+
+    def check_invariants(self) -> None:
+        for block in self.blocks:
+            in_free = block.block_id in self.free_queue
+            assert (block.ref_count == 0) == in_free, f"block {block.block_id} ref/free mismatch"
+            assert block.ref_count >= 0
+            if block.block_hash is not None:
+                assert self.cached[block.block_hash] is block
+        assert all(b.block_hash == h for h, b in self.cached.items())
+
+
+class KVCacheManager:
+    """Gives requests blocks on demand, shares cached prefix blocks, and counts prefix-cache hits."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self._blocks: dict[str, list[Block]] = {}
+        self._num_registered: dict[str, int] = {}
+        self.prefix_cache_queries = 0   # prompt tokens looked up
+        self.prefix_cache_hits = 0      # prompt tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use by live requests (cached-but-free blocks count as free)."""
+        return 1.0 - self.pool.num_free / self.num_blocks
+
+    def _update_hashes(self, request: Request) -> None:
+        bs = self.block_size
+        hashes = request.block_hashes
+        full_blocks = request.num_tokens // bs
+        while len(hashes) < full_blocks:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, request.tokens_in(i * bs, (i + 1) * bs)))
+
+    def find_cached_prefix(self, request: Request) -> list[Block]:
+        """The longest run of leading full blocks already in the cache (never the whole prompt:
+        the last token must be computed to produce logits)."""
+        first_admission = request.num_cached_tokens < 0
+        hits: list[Block] = []
+        if self.enable_prefix_caching and not request.needs_prompt_logprobs:
+            self._update_hashes(request)
+            max_blocks = (request.num_tokens - 1) // self.block_size
+            for i in range(max_blocks):
+                block = self.pool.lookup(request.block_hashes[i],
+                                         request.tokens_in(i * self.block_size, (i + 1) * self.block_size))
+                if block is None:
+                    break
+                hits.append(block)
+        if first_admission and self.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_prompt_tokens
+            self.prefix_cache_hits += min(len(hits) * self.block_size, request.num_prompt_tokens)
+        return hits
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached: list[Block] = ()) -> bool:
+        """Make the request's block table cover its computed tokens (incl. `cached` blocks, which
+        the caller then counts as computed) plus num_new_tokens. False (nothing changed) if the
+        pool is too small."""
+        blocks = self._blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(cached) * self.block_size
+        total = num_computed + num_new_tokens
+        needed = -(-total // self.block_size) - len(blocks) - len(cached)
+        reclaimable = sum(1 for b in cached if b.ref_count == 0)
+        if needed > self.pool.num_free - reclaimable:
+            if not blocks:
+                del self._blocks[request.request_id]
+            return False
+        self.pool.touch(list(cached))
+        blocks.extend(cached)
+        if needed > 0:
+            blocks.extend(self.pool.allocate(needed))
+        request.block_ids = [b.block_id for b in blocks]
+        if self.enable_prefix_caching:
+            self._register_full_blocks(request, blocks, total)
+        return True
+
+    def _register_full_blocks(self, request: Request, blocks: list[Block], num_known_tokens: int) -> None:
+        """Publish blocks whose tokens are all known (they are written during this step)."""
+        self._update_hashes(request)
+        start = self._num_registered.get(request.request_id, 0)
+        end = min(num_known_tokens // self.block_size, len(request.block_hashes))
+        bs = self.block_size
+        for i in range(start, end):
+            self.pool.register(blocks[i], request.block_hashes[i], request.tokens_in(i * bs, (i + 1) * bs))
+        self._num_registered[request.request_id] = max(start, end)
+
+    def free(self, request: Request) -> None:
+        """Release all of the request's blocks; tail blocks go back first so they are evicted first."""
+        blocks = self._blocks.pop(request.request_id, [])
+        self._num_registered.pop(request.request_id, None)
+        self.pool.release(list(reversed(blocks)))
+        request.block_ids = []
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()

@@ -1,0 +1,105 @@
+"""`pagedllm` command line: generate, kv-cache, bench, serve."""
+
+import argparse
+import logging
+import sys
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
+    """vLLM's flag names for the engine options."""
+    help_ = "HF folder, Hub id or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
+    if model_positional:
+        parser.add_argument("model", nargs="?", default=None, help=help_)
+    else:
+        parser.add_argument("--model", default=None, help=help_)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="CPU KV pool bytes (default 2 GiB)")
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, max_model_len=args.max_model_len, load_format=args.load_format,
+                block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
+                num_gpu_blocks_override=args.num_gpu_blocks_override,
+                enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, device=args.device)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from pagedllm import LLM, SamplingParams
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sample_seed)
+    prompt = {"prompt_token_ids": llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_dict=False)} \
+        if args.chat else args.prompt
+    output = llm.generate(prompt, params)[0]
+    print(args.prompt + output.outputs[0].text if not args.chat else output.outputs[0].text)
+
+
+def cmd_kv_cache(args: argparse.Namespace) -> None:
+    from pagedllm.config import ModelConfig
+    from pagedllm.engine.engine_args import DTYPES
+    from pagedllm.models import loader
+    from pagedllm.worker import memory
+    source = loader.resolve(args.model, "dummy")
+    hf_config = loader.load_config(source)
+    if args.dtype != "auto" and args.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {args.dtype!r}")
+    dtype = "bfloat16" if args.dtype == "auto" else DTYPES[args.dtype]
+    max_len = args.max_model_len or getattr(hf_config, "max_position_embeddings", 4096)
+    model = ModelConfig(model=source.name, hf_config=hf_config, dtype=dtype, max_model_len=max_len)
+    per_token = model.kv_bytes_per_token
+    print(f"model: {source.name}  dtype: {dtype}")
+    print(f"KV bytes per token: 2 x {model.num_layers} layers x {model.num_kv_heads} kv heads x "
+          f"{model.head_dim} head_dim x {model.dtype_bytes} B = {per_token:,} B ({memory.format_bytes(per_token)})")
+    print()
+    print(memory.kv_table(model, args.num_seqs))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="one-shot generation")
+    gen.add_argument("prompt")
+    add_engine_args(gen, model_positional=False)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--sample-seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    kv = sub.add_parser("kv-cache", help="KV cache memory per token, per context length, per batch")
+    kv.add_argument("model", nargs="?", default="Qwen/Qwen3-0.6B")
+    kv.add_argument("--dtype", default="auto", help="auto = bfloat16")
+    kv.add_argument("--max-model-len", type=int, default=None)
+    kv.add_argument("--num-seqs", type=int, default=10)
+    kv.set_defaults(func=cmd_kv_cache)
+
+    from pagedllm.bench import cli as bench_cli
+    bench_cli.register(sub)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

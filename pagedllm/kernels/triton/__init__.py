@@ -1,0 +1,1 @@
+"""Triton GPU kernels: same layouts and semantics as pagedllm.kernels.torch_ref (see its docstring)."""

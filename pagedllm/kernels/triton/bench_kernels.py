@@ -1,0 +1,177 @@
+"""Microbenchmark of the Triton attention kernels on one GPU (Qwen3-0.6B shapes).
+
+  python3 pagedllm/kernels/triton/bench_kernels.py [--out LOG]
+
+(a) decode_attention, 16 heads / 8 kv heads / head_dim 128, bf16, block 16: batch 256 at context
+    1000 and batch 1 at 512 and 4096. Reports achieved GB/s of K/V read (each context token's K and V
+    rows read once) next to the device-to-device copy bandwidth measured in the same run.
+(b) paged_attention prefill of 8 x 512 tokens (and 2 x 4096), against torch SDPA on the same data
+    laid out densely (K/V repeated to 16 heads so the flash backend applies).
+Each shape also sweeps a few tile configs through the private launchers; the first row of each
+block is the public function's default. Times are medians of triton.testing.do_bench (L2 flushed
+before every call); 'graph' is a CUDA-graph replay (launch overhead removed, L2 may be warm).
+"""
+
+import argparse
+import math
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from pagedllm.kernels import torch_ref
+from pagedllm.kernels.triton import paged_attention as pa
+
+DEVICE = "cuda"
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 16, 8, 128, 16, torch.bfloat16
+MAX_MODEL_LEN = 40960          # Qwen3-0.6B's max_position_embeddings
+DECODE_SHAPES = [(256, 1000), (1, 512), (1, 4096)]       # (batch, context)
+PREFILL_SHAPES = [(8, 512), (2, 4096)]                   # (sequences, tokens each)
+DECODE_CONFIGS = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=32, num_warps=4, num_stages=3),
+                  dict(block_n=64, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=2),
+                  dict(block_n=128, num_warps=8, num_stages=2)]
+PREFILL_CONFIGS = [dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+                   dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+                   dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
+                   dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+                   dict(block_m=128, block_n=32, num_warps=4, num_stages=3)]
+
+
+def _paged_inputs(seq_lens):
+    """Pool with shuffled block ids, one block table row per sequence."""
+    blocks_per_seq = [math.ceil(n / BLOCK) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 16
+    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks, device=DEVICE).to(torch.int32)
+    table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32, device=DEVICE)
+    pos = 0
+    for i, n in enumerate(blocks_per_seq):
+        table[i, :n] = perm[pos:pos + n]
+        pos += n
+    return k_cache, v_cache, table
+
+
+def _rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def bench_decode(log, copy_gbs):
+    rows = []
+    for batch, ctx in DECODE_SHAPES:
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+        k_cache, v_cache, table = _paged_inputs([ctx] * batch)
+        query = torch.randn(batch, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        out = torch.empty_like(query)
+        scale = HEAD_DIM ** -0.5
+        ref = torch_ref.paged_attention(query, k_cache, v_cache, torch.arange(batch + 1, dtype=torch.int32,
+                                        device=DEVICE), seq_lens, table, scale)
+        kv_bytes = batch * ctx * KV_HEADS * HEAD_DIM * k_cache.element_size() * 2
+        splits = pa._num_splits(batch, KV_HEADS, MAX_MODEL_LEN, query.device)
+        for i, cfg in enumerate(DECODE_CONFIGS):
+            def fn():
+                pa._decode_attention_launch(query, k_cache, v_cache, seq_lens, table, scale, out, splits, **cfg)
+            try:
+                ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+                graph_ms = do_bench_cudagraph(fn, rep=100, return_mode="median")
+            except Exception as e:  # a config that fails to compile/launch is reported, not fatal
+                log(f"decode B={batch} ctx={ctx} {cfg}: FAILED {type(e).__name__}: {e}")
+                continue
+            gbs = kv_bytes / ms / 1e6
+            row = dict(batch=batch, ctx=ctx, splits=splits, cfg=cfg, us=ms * 1e3, graph_us=graph_ms * 1e3,
+                       gbs=gbs, frac=gbs / copy_gbs, err=_rel_err(out, ref), default=i == 0)
+            log(f"decode {row}")
+            rows.append(row)
+    return rows
+
+
+def bench_prefill(log):
+    rows = []
+    for num_seqs, q_len in PREFILL_SHAPES:
+        k_cache, v_cache, table = _paged_inputs([q_len] * num_seqs)
+        tokens = num_seqs * q_len
+        query = torch.randn(tokens, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        cu = torch.arange(0, tokens + 1, q_len, dtype=torch.int32, device=DEVICE)
+        seq_lens = torch.full((num_seqs,), q_len, dtype=torch.int32, device=DEVICE)
+        scale = HEAD_DIM ** -0.5
+        out = torch.empty_like(query)
+        # dense copy of the same data for SDPA: [B, H, L, D] with K/V repeated per query head
+        group = HEADS // KV_HEADS
+        qd = query.view(num_seqs, q_len, HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+        kd = torch.stack([torch_ref.gather_kv(k_cache, table[i], q_len) for i in range(num_seqs)])
+        vd = torch.stack([torch_ref.gather_kv(v_cache, table[i], q_len) for i in range(num_seqs)])
+        kd = kd.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+        vd = vd.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+
+        def sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale)
+        ref = sdpa().transpose(1, 2).reshape(tokens, HEADS, HEAD_DIM)
+        flops = 4 * num_seqs * (q_len * (q_len + 1) // 2) * HEADS * HEAD_DIM
+        sdpa_ms = do_bench(sdpa, warmup=25, rep=200, return_mode="median")
+        rows.append(dict(kind="sdpa", seqs=num_seqs, q_len=q_len, us=sdpa_ms * 1e3, tflops=flops / sdpa_ms / 1e9))
+        log(f"prefill {rows[-1]}")
+        for i, cfg in enumerate(PREFILL_CONFIGS):
+            def fn():
+                pa._paged_attention_launch(query, k_cache, v_cache, cu, seq_lens, table, scale, out, **cfg)
+            try:
+                ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+            except Exception as e:
+                log(f"prefill {num_seqs}x{q_len} {cfg}: FAILED {type(e).__name__}: {e}")
+                continue
+            rows.append(dict(kind="triton", seqs=num_seqs, q_len=q_len, cfg=cfg, us=ms * 1e3,
+                             tflops=flops / ms / 1e9, err=_rel_err(out, ref), default=i == 0))
+            log(f"prefill {rows[-1]}")
+    return rows
+
+
+def copy_bandwidth():
+    """Device-to-device copy of 1 GiB, bytes read + written per second (the practical ceiling)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
+    return 2 * src.numel() / ms / 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None, help="also write the log here")
+    args = parser.parse_args()
+    sink = open(args.out, "w") if args.out else None
+
+    def log(line):
+        print(line, flush=True)
+        if sink:
+            sink.write(line + "\n")
+            sink.flush()
+
+    torch.manual_seed(0)
+    log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    copy_gbs = copy_bandwidth()
+    log(f"copy bandwidth {copy_gbs:.0f} GB/s")
+    decode = bench_decode(log, copy_gbs)
+    prefill = bench_prefill(log)
+
+    log("\n== decode_attention (Qwen3-0.6B 16/8 x 128, bf16, block 16, max_model_len %d) ==" % MAX_MODEL_LEN)
+    log(f"{'B':>4} {'ctx':>5} {'splits':>6} {'block_n/warps/stages':>21} {'us':>8} {'graph us':>9} "
+        f"{'GB/s':>7} {'% copy':>7} {'rel err':>8}")
+    for r in decode:
+        c = r["cfg"]
+        tag = f"{c['block_n']}/{c['num_warps']}/{c['num_stages']}" + (" *" if r["default"] else "  ")
+        log(f"{r['batch']:>4} {r['ctx']:>5} {r['splits']:>6} {tag:>21} {r['us']:>8.1f} {r['graph_us']:>9.1f} "
+            f"{r['gbs']:>7.0f} {100 * r['frac']:>6.0f}% {r['err']:>8.1e}")
+    log("\n== prefill (paged_attention vs dense SDPA, causal) ==")
+    log(f"{'what':>28} {'us':>8} {'TFLOP/s':>8} {'rel err':>8}")
+    for r in prefill:
+        if r["kind"] == "sdpa":
+            what = f"{r['seqs']}x{r['q_len']} sdpa"
+            log(f"{what:>28} {r['us']:>8.1f} {r['tflops']:>8.0f}")
+        else:
+            c = r["cfg"]
+            what = (f"{r['seqs']}x{r['q_len']} {c['block_m']}/{c['block_n']}/{c['num_warps']}/{c['num_stages']}"
+                    + (" *" if r["default"] else "  "))
+            log(f"{what:>28} {r['us']:>8.1f} {r['tflops']:>8.0f} {r['err']:>8.1e}")
+    log("(* = default config; prefill config = block_m/block_n/warps/stages)")
+
+
+if __name__ == "__main__":
+    main()

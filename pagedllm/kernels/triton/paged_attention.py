@@ -1,0 +1,329 @@
+"""Paged attention in Triton: same layouts and semantics as pagedllm.kernels.torch_ref.
+
+Two entry points:
+  paged_attention   one kernel for a mixed batch of prefill chunks (causal over a cached prefix
+                    plus themselves, varlen) and decodes, flash-attention style.
+  decode_attention  decode-only (one query token per sequence) split-K flash decoding for long
+                    contexts; launch grid and scratch sizes depend only on shapes and
+                    max_model_len, so it can be captured in a CUDA graph.
+
+Both handle GQA without repeating K/V: a program owns one KV head and all the query heads that
+share it, so every K/V tile is loaded once per group. Scores use exp2 with the softmax scale
+folded into log2(e); accumulation is fp32. Block-table entries are widened to int64 before they
+are multiplied by the pool's strides (a pool can exceed 2**31 elements).
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (Triton's default would be tf32, ~1e-3 error)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed prefill/decode kernel
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _find_seq(cu_seqlens_q_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
+    """Sequence owning query block `pid`: sequence i's blocks start at cu_seqlens_q[i] // BLOCK_Q + i
+    (an increasing sequence), so binary-search for the last start <= pid."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if first <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, seq_lens_ptr, block_tables_ptr,
+        num_seqs, scale_log2,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (query blocks, kv heads). A program takes BLOCK_Q query tokens of one sequence times the
+    GROUP query heads of one KV head, folded into BLOCK_M rows (row m = token m // GROUP, head
+    m % GROUP), and sweeps the sequence's KV positions up to its last query's position."""
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(cu_seqlens_q_ptr, num_seqs, pid, BLOCK_Q)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    q_block = pid - (q_start // BLOCK_Q + seq)
+    if q_block * BLOCK_Q >= q_len:      # grid over-provisions by up to one block per sequence
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len        # cached prefix; query token j sits at context_len + j
+
+    offs_m = tl.arange(0, BLOCK_M)
+    token = q_block * BLOCK_Q + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_valid = (offs_m < BLOCK_Q * GROUP) & (token < q_len)
+    q_pos = context_len + token
+    offs_d = tl.arange(0, DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    row = (q_start + token).to(tl.int64)
+    q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_end = context_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
+    # Position 0 is visible to every row, so each row's max is finite after the first tile and
+    # l_i >= 1 at the end: no -inf/-inf or 0/0 guards needed.
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < kv_end
+        block = tl.load(block_table + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
+        slot = offs_n % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + (block * stride_kb + slot * stride_ks + kv_head * stride_kh)[None, :]
+                    + offs_d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + (block * stride_vb + slot * stride_vs + kv_head * stride_vh)[:, None]
+                    + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+def _paged_attention_launch(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out,
+                            block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_q = block_m // group
+    num_seqs = seq_lens.shape[0]
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _paged_attention_kernel[grid](
+        query, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables,
+        num_seqs, scale * _LOG2E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), GROUP=group,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
+
+
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                    scale: float, max_query_len: int, max_seq_len: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of a mixed batch of prefill chunks and decodes over the paged pool.
+
+    query [T, num_heads, head_dim]; k_cache/v_cache [num_blocks, block_size, num_kv_heads, head_dim];
+    cu_seqlens_q [B + 1] int32, seq_lens [B] int32, block_tables [B, max_blocks] int32 (rows may be
+    padded). Returns (or fills `out`) [T, num_heads, head_dim] in query's dtype. Last dims must be
+    contiguous. max_query_len picks the tile height (small tiles for decode-only batches);
+    max_seq_len is part of the backend interface but not needed here: each program bounds its own
+    KV sweep from seq_lens on the device.
+    """
+    if out is None:
+        out = torch.empty_like(query)
+    if query.shape[0] == 0:
+        return out
+    assert query.stride(-1) == 1 and out.stride(-1) == 1
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    group = query.shape[1] // k_cache.shape[2]
+    # Decode rows fill only `group` of the tile's rows: use the smallest tile tl.dot allows.
+    block_m = 16 if max_query_len * group <= 16 else 64
+    _paged_attention_launch(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out,
+                            block_m=block_m, block_n=64, num_warps=4, num_stages=2)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Split-K decode
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens per split for one sequence: its length cut into NUM_SPLITS pieces, rounded up to whole
+    tiles (at least one tile, so a 0-length sequence doesn't divide by zero later)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
+
+
+@triton.jit
+def _decode_split_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
+        part_m_ptr, part_l_ptr, part_acc_ptr, scale_log2,
+        stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (B, kv heads, NUM_SPLITS). A program attends the GROUP query heads of one KV head (padded
+    to BLOCK_H >= 16 rows for tl.dot) to its split of the context and writes the partial row max
+    (log2 domain), softmax denominator and unnormalised output. Splits past the end write nothing."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
+    start = split * split_len
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_valid = offs_h < GROUP
+    head = kv_head * GROUP + offs_h
+    offs_d = tl.arange(0, DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+                mask=h_valid[:, None] & d_valid[None, :], other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, DIM_PAD], tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # start < end, so the first tile has a visible position and every max is finite after it.
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < end
+        block = tl.load(block_table + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
+        slot = offs_n % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + (block * stride_kb + slot * stride_ks + kv_head * stride_kh)[None, :]
+                    + offs_d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + (block * stride_vb + slot * stride_vs + kv_head * stride_vh)[:, None]
+                    + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS + split       # [BLOCK_H]
+    tl.store(part_m_ptr + part, m_i, mask=h_valid)
+    tl.store(part_l_ptr + part, l_i, mask=h_valid)
+    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+             mask=h_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+        part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Grid (B, heads): rescale each written split by exp2(m_split - m_max) and normalise.
+    A sequence with seq_len 0 has no written split and gets a zero row."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    s_valid = (offs_s < NUM_SPLITS) & (offs_s * split_len < seq_len)
+    offs_d = tl.arange(0, DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS + offs_s
+    m = tl.load(part_m_ptr + part, mask=s_valid, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=s_valid, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_valid[:, None] & d_valid[None, :], other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(s_valid, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=d_valid)
+
+
+# Split sizing. Each sequence's context is cut into num_splits equal pieces (whole BLOCK_N tiles), with
+# num_splits fixed per launch from shapes alone: enough (batch x kv_heads x splits) programs to give
+# every SM ~4 resident programs, but no split shorter than _MIN_SPLIT_TOKENS of max_model_len (the
+# partials' write + reduce cost stays small next to a split's K/V read) and at most _MAX_SPLITS
+# (bounds scratch and the reduce tile). Large batches thus get 1-2 splits; batch 1 at long context
+# gets up to 64. Splits past a shorter sequence's end exit at once.
+_MIN_SPLIT_TOKENS = 256
+_MAX_SPLITS = 64
+_PROGRAMS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132      # CPU (Triton interpreter, tests): behave like an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(batch: int, num_kv_heads: int, max_model_len: int, device: torch.device) -> int:
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), batch * num_kv_heads)
+    return max(1, min(wanted, triton.cdiv(max_model_len, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+
+
+def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits: int,
+                             block_n: int, num_warps: int, num_stages: int) -> None:
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    dim_pad = triton.next_power_of_2(head_dim)
+    part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, seq_lens, block_tables, part_m, part_l, part_acc, scale * _LOG2E,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=num_warps, num_stages=num_stages)
+    _decode_reduce_kernel[(batch, num_heads)](
+        part_m, part_l, part_acc, seq_lens, out, out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
+
+
+def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_model_len: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention: query [B, num_heads, head_dim], one token per sequence at position
+    seq_lens[i] - 1, attending to positions 0..seq_lens[i]-1 of the paged pool.
+
+    seq_lens [B] int32, block_tables [B, max_blocks] int32. Returns (or fills `out`) [B, num_heads,
+    head_dim] in query's dtype; rows with seq_len 0 (batch padding) come out as zeros. Grid and
+    scratch depend only on B, head counts and max_model_len (no host sync), so it is CUDA-graph safe.
+    max_model_len only sets the split count: a longer sequence is still correct, in longer splits.
+    """
+    if out is None:
+        out = torch.empty_like(query)
+    batch, _, head_dim = query.shape
+    if batch == 0:
+        return out
+    assert query.stride(-1) == 1 and out.stride(-1) == 1
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    num_splits = _num_splits(batch, k_cache.shape[2], max_model_len, query.device)
+    _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits,
+                             block_n=64, num_warps=4, num_stages=2)
+    return out

@@ -1,0 +1,82 @@
+"""The one attention interface: store this step's K/V into the paged pool, then attend through it.
+
+The model runner builds one AttentionMetadata per step and passes it down the forward call; the
+backend (plain torch on CPU, Triton on GPU) is chosen once when the model is built.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagedllm.kernels import torch_ref
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the pool and what each sequence attends to (layouts in
+    kernels/torch_ref.py)."""
+    slot_mapping: torch.Tensor     # [T] int64
+    cu_seqlens_q: torch.Tensor     # [B + 1] int32
+    seq_lens: torch.Tensor         # [B] int32
+    block_tables: torch.Tensor     # [B, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class TorchBackend:
+    """Reference backend: gathers each sequence's blocks and runs dense attention."""
+
+    def store(self, key, value, k_cache, v_cache, md: AttentionMetadata) -> None:
+        torch_ref.store_kv(key, value, k_cache, v_cache, md.slot_mapping)
+
+    def attend(self, query, k_cache, v_cache, md: AttentionMetadata, scale: float) -> torch.Tensor:
+        return torch_ref.paged_attention(query, k_cache, v_cache, md.cu_seqlens_q, md.seq_lens,
+                                         md.block_tables, scale)
+
+
+class TritonBackend:
+    """GPU backend: one launch to store K/V, one unified kernel for mixed batches, and a split-K
+    kernel with a fixed grid for decode-only steps (safe to capture in CUDA graphs)."""
+
+    def __init__(self, max_model_len: int) -> None:
+        from pagedllm.kernels.triton import paged_attention, store_kv
+        self._store = store_kv.store_kv
+        self._mixed = paged_attention.paged_attention
+        self._decode = paged_attention.decode_attention
+        self.max_model_len = max_model_len
+
+    def store(self, key, value, k_cache, v_cache, md: AttentionMetadata) -> None:
+        self._store(key, value, k_cache, v_cache, md.slot_mapping)
+
+    def attend(self, query, k_cache, v_cache, md: AttentionMetadata, scale: float) -> torch.Tensor:
+        if md.decode_only:
+            return self._decode(query, k_cache, v_cache, md.seq_lens, md.block_tables, scale,
+                                self.max_model_len)
+        return self._mixed(query, k_cache, v_cache, md.cu_seqlens_q, md.seq_lens, md.block_tables, scale,
+                           md.max_query_len, md.max_seq_len)
+
+
+def select_backend(device: str, max_model_len: int):
+    return TritonBackend(max_model_len) if device.startswith("cuda") else TorchBackend()
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.backend = backend
+        self.k_cache = torch.empty(0)   # views into the pool, bound by the model runner
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
+        self.backend.store(k, v, self.k_cache, self.v_cache, md)
+        return self.backend.attend(q, self.k_cache, self.v_cache, md, self.scale)

@@ -1,0 +1,102 @@
+"""The offline API: LLM(...).generate(prompts, sampling_params) and .chat(messages, ...)."""
+
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.engine_args import EngineArgs
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """vLLM-compatible offline inference. With no model, the bundled SmolLM2-135M-Instruct GGUF."""
+
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion with continuous batching; outputs in input order.
+        Prompts: text, token ids, {"prompt": ...} or {"prompt_token_ids": ...}, or a list of them."""
+        prompts = _as_list(prompts)
+        params_list = _params_list(sampling_params, len(prompts))
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_id = self.engine.new_request_id()
+                text, tokens = _split_prompt(prompt)
+                self.engine.add_request(request_id, tokens if tokens is not None else text,
+                                        _final_only(params), prompt_text=text)
+                ids.append(request_id)
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("messages need a chat template, and this model's tokenizer has none")
+        prompts = [{"prompt_token_ids": tokenizer.apply_chat_template(
+            conv, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False,
+            **(chat_template_kwargs or {}))} for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    results[output.request_id] = output
+                    bar.update(1)
+        bar.close()
+        return [results[i] for i in ids]
+
+
+def _as_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if prompts and isinstance(prompts[0], int):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _params_list(sampling_params, n: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    if len(sampling_params) != n:
+        raise ValueError(f"sampling_params has {len(sampling_params)} entries for {n} prompts")
+    return list(sampling_params)
+
+
+def _split_prompt(prompt) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"], None
+        raise ValueError("prompt dicts need 'prompt' or 'prompt_token_ids'")
+    return None, list(prompt)
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    from dataclasses import replace
+    return params if params.output_kind == "final" else replace(params, output_kind="final")

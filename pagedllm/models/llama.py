@@ -1,0 +1,196 @@
+"""The decoder shared by Llama, Mistral, Qwen2 and Qwen3: they differ only in two switches.
+
+  qkv_bias  Qwen2 adds biases to q/k/v (Llama and Qwen3: only if config.attention_bias)
+  qk_norm   Qwen3 RMS-normalises each head of q and k before the rotary embedding
+
+Q/K/V and gate/up projections are each one fused matmul; load_weights maps the checkpoint's
+separate tensors into their shards. The model works on the flattened batch: [T, hidden].
+"""
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.layers.attention import Attention, AttentionMetadata
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.rotary import RotaryEmbedding
+
+# checkpoint name fragment -> (fused parameter fragment, shard index)
+PACKED_SHARDS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, config, rotary: RotaryEmbedding, backend, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.shard_sizes = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                            self.num_kv_heads * self.head_dim]
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.shard_sizes), bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size,
+                                bias=getattr(config, "attention_bias", False))
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split(self.shard_sizes, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, md)
+        return self.o_proj(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.shard_sizes = [config.intermediate_size, config.intermediate_size]
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, rotary, backend, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DecoderAttention(config, rotary, backend, qkv_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, positions, hidden, residual, md):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, md)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config, backend, max_positions: int, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rotary = RotaryEmbedding(config, head_dim, max_positions)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary, backend, qkv_bias, qk_norm)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, md):
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, md)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias = False
+    qk_norm = False
+
+    def __init__(self, config, backend, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        sliding = getattr(config, "sliding_window", None)
+        if sliding is not None and getattr(config, "use_sliding_window", True) and max_positions > sliding:
+            raise ValueError(f"max_model_len {max_positions} exceeds the model's sliding_window {sliding}; "
+                             "sliding-window attention is not supported, lower max_model_len")
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        self.model = DecoderModel(config, backend, max_positions, qkv_bias, self.qk_norm)
+        self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
+        if self.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def forward(self, input_ids, positions, md: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, md)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) in, fusing q/k/v and gate/up. Every
+        parameter must be written exactly once."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            target, shard = name, None
+            for fragment, (fused, index) in PACKED_SHARDS.items():
+                if f".{fragment}." in name:
+                    target, shard = name.replace(fragment, fused), index
+                    break
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            param = params[target]
+            if shard is None:
+                assert param.shape == tensor.shape, f"{name}: {tuple(tensor.shape)} vs {tuple(param.shape)}"
+                param.data.copy_(tensor)
+                loaded.add(target)
+            else:
+                module = self.get_submodule(target.rsplit(".", 2)[0])
+                sizes = module.shard_sizes
+                start = sum(sizes[:shard])
+                param.data[start:start + sizes[shard]].copy_(tensor)
+                loaded.add(f"{target}#{shard}")
+        missing = [n for n, p in params.items() if n not in loaded and not _all_shards_loaded(n, loaded, self)]
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights of the right shapes (benchmarks without a checkpoint)."""
+        gen = torch.Generator(device=self.model.embed_tokens.weight.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if "norm" in name:
+                param.data.fill_(1.0)
+            elif name.endswith("bias"):
+                param.data.zero_()
+            else:
+                param.data.normal_(0.0, 0.02, generator=gen)
+
+
+def _all_shards_loaded(name: str, loaded: set[str], model: nn.Module) -> bool:
+    if not any(f".{fused}." in name for fused, _ in PACKED_SHARDS.values()):
+        return False
+    module = model.get_submodule(name.rsplit(".", 2)[0])
+    return all(f"{name}#{i}" in loaded for i in range(len(module.shard_sizes)))
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True

@@ -1,0 +1,65 @@
+"""KV pool sizing and the KV byte accounting shown to users."""
+
+import logging
+
+from pagedllm.config import CacheConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def format_bytes(n: float) -> str:
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if n >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    return f"{n / 1024:.0f} KiB"
+
+
+def block_bytes(model: ModelConfig, cache: CacheConfig) -> int:
+    return model.kv_bytes_per_token * cache.block_size
+
+
+def num_blocks_for_budget(model: ModelConfig, cache: CacheConfig, budget_bytes: int) -> int:
+    return int(budget_bytes // block_bytes(model, cache))
+
+
+def gpu_kv_budget(total: int, utilization: float, weights: int, activation_peak: int) -> int:
+    """Bytes left for the KV pool: the utilisation share of the card minus weights and the profiled
+    activation peak of a max-size step."""
+    return int(total * utilization) - weights - activation_peak
+
+
+def log_capacity(model: ModelConfig, cache: CacheConfig, num_blocks: int) -> dict:
+    per_token = model.kv_bytes_per_token
+    tokens = num_blocks * cache.block_size
+    per_request_blocks = -(-model.max_model_len // cache.block_size)
+    info = {
+        "kv_bytes_per_token": per_token,
+        "num_blocks": num_blocks,
+        "block_size": cache.block_size,
+        "pool_bytes": num_blocks * block_bytes(model, cache),
+        "token_capacity": tokens,
+        "max_concurrency_at_max_model_len": num_blocks / per_request_blocks,
+    }
+    logger.info("KV cache: %s per token, %d blocks of %d tokens (%s), %d tokens, "
+                "max concurrency %.2fx at max_model_len %d", format_bytes(per_token), num_blocks,
+                cache.block_size, format_bytes(info["pool_bytes"]), tokens,
+                info["max_concurrency_at_max_model_len"], model.max_model_len)
+    return info
+
+
+def kv_table(model: ModelConfig, num_seqs: int) -> str:
+    """Markdown table of KV memory per context length, for one and for num_seqs requests."""
+    per_token = model.kv_bytes_per_token
+    lengths, n = [], 64
+    while n < model.max_model_len:
+        lengths.append(n)
+        n *= 4
+    lengths.append(model.max_model_len)
+    rows = [f"| tokens | KV memory (1 request) | KV memory ({num_seqs} requests) |", "|---:|---:|---:|"]
+    rows += [f"| {t:,} | {format_bytes(t * per_token)} | {format_bytes(t * per_token * num_seqs)} |"
+             for t in lengths]
+    return "\n".join(rows)

@@ -1,0 +1,288 @@
+"""Turns a SchedulerOutput into tensors, runs the model, and samples.
+
+Owns the model, the KV pool's memory and the sampler. On CUDA it sizes the pool from a profiled
+max-size step and replays CUDA graphs for decode-only steps (one graph per batch-size bucket,
+inputs padded to the bucket; padding rows store nothing and attend to nothing).
+"""
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from pagedllm.layers.attention import AttentionMetadata, select_backend
+from pagedllm.models import loader
+from pagedllm.models.registry import model_class
+from pagedllm.worker import memory
+from pagedllm.worker.sampler import Sampler, SamplingRow, prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+
+
+@dataclass
+class ModelOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    # request id -> (sampled logprob, rank, top ids, top logprobs)
+    logprobs: dict[str, tuple] = field(default_factory=dict)
+    # request id -> (first prompt position covered, [(logprob, rank, top ids, top logprobs), ...])
+    prompt_logprobs: dict[str, tuple[int, list[tuple]]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@dataclass
+class _Batch:
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    cu_seqlens_q: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    logits_indices: list[int]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: loader.ModelSource) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.model.dtype)
+        self.block_size = config.cache.block_size
+        self.max_model_len = config.model.max_model_len
+        self.hf_config = config.model.hf_config
+        torch.manual_seed(config.seed)
+        self.model = self._load_model(source)
+        self.sampler = Sampler(self.hf_config.vocab_size, config.scheduler.eos_token_ids)
+        self.generators: dict[str, torch.Generator] = {}
+        self.num_blocks = self._size_pool()
+        self.capacity = memory.log_capacity(config.model, config.cache, self.num_blocks)
+        self._allocate_pool()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
+
+    # ---- start-up -------------------------------------------------------------------------
+    def _load_model(self, source: loader.ModelSource) -> torch.nn.Module:
+        backend = select_backend(self.device.type, self.max_model_len)
+        cls = model_class(self.hf_config)
+        with _default_dtype(self.dtype), self.device:
+            model = cls(self.hf_config, backend, self.max_model_len)
+        if self.config.model.load_format == "dummy":
+            model.init_dummy_weights(self.config.seed)
+        else:
+            model.load_weights(loader.iter_weights(source, self.hf_config))
+        return model.eval()
+
+    def _size_pool(self) -> int:
+        cache, model_cfg = self.config.cache, self.config.model
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        if self.device.type != "cuda":
+            return memory.num_blocks_for_budget(model_cfg, cache, cache.kv_cache_memory)
+        torch.cuda.synchronize()
+        weights = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - weights
+        free, total = torch.cuda.mem_get_info()
+        non_torch = total - free - torch.cuda.memory_reserved()
+        budget = memory.gpu_kv_budget(total, cache.gpu_memory_utilization, weights + non_torch, peak)
+        logger.info("GPU memory: %s total, weights %s, activation peak %s, other %s, KV budget %s",
+                    memory.format_bytes(total), memory.format_bytes(weights), memory.format_bytes(peak),
+                    memory.format_bytes(non_torch), memory.format_bytes(budget))
+        torch.cuda.empty_cache()
+        if budget <= 0:
+            raise ValueError("no GPU memory left for the KV cache: raise gpu_memory_utilization "
+                             "or lower max_num_batched_tokens")
+        return memory.num_blocks_for_budget(model_cfg, cache, budget)
+
+    def _profile_run(self) -> None:
+        """One step as large as the scheduler can produce, against a one-block dummy pool."""
+        num_tokens = self.config.scheduler.max_num_batched_tokens
+        num_seqs = max(1, min(self.config.scheduler.max_num_seqs, num_tokens))
+        self._bind_pool(torch.zeros(2, len(self.model.attention_layers()), 1, self.block_size,
+                                    self.config.model.num_kv_heads, self.config.model.head_dim,
+                                    dtype=self.dtype, device=self.device))
+        lens = [num_tokens // num_seqs] * num_seqs
+        lens[-1] += num_tokens - sum(lens)
+        cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        max_blocks = -(-max(lens) // self.block_size)
+        batch = _Batch(input_ids=[0] * num_tokens, positions=[p for n in lens for p in range(n)],
+                       slot_mapping=[-1] * num_tokens, cu_seqlens_q=cu, seq_lens=lens,
+                       block_tables=[[0] * max_blocks for _ in lens], logits_indices=[c - 1 for c in cu[1:]])
+        with torch.inference_mode():
+            hidden = self.model(*self._tensors(batch))
+            logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_indices, device=self.device)])
+            torch.softmax(logits.float(), dim=-1).sort(dim=-1)
+        del hidden, logits
+
+    def _allocate_pool(self) -> None:
+        shape = (2, self.hf_config.num_hidden_layers, self.num_blocks, self.block_size,
+                 self.config.model.num_kv_heads, self.config.model.head_dim)
+        self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._bind_pool(self.kv_pool)
+
+    def _bind_pool(self, pool: torch.Tensor) -> None:
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = pool[0, i], pool[1, i]
+
+    # ---- per step ---------------------------------------------------------------------------
+    def release(self, request_ids) -> None:
+        for request_id in request_ids:
+            self.generators.pop(request_id, None)
+
+    def _prepare(self, scheduled: list[ScheduledRequest]) -> _Batch:
+        bs = self.block_size
+        b = _Batch([], [], [], [0], [], [], [])
+        for item in scheduled:
+            request, start, n = item.request, item.start, item.num_new_tokens
+            end = start + n
+            blocks = request.block_ids
+            b.input_ids.extend(request.tokens_in(start, end))
+            if n == 1:
+                b.positions.append(start)
+                b.slot_mapping.append(blocks[start // bs] * bs + start % bs)
+            else:
+                positions = np.arange(start, end)
+                b.positions.extend(positions.tolist())
+                b.slot_mapping.extend((np.asarray(blocks)[positions // bs] * bs + positions % bs).tolist())
+            b.cu_seqlens_q.append(b.cu_seqlens_q[-1] + n)
+            b.seq_lens.append(end)
+            b.block_tables.append(blocks)
+            if item.samples:
+                b.logits_indices.append(b.cu_seqlens_q[-1] - 1)
+        return b
+
+    def _tensors(self, b: _Batch):
+        dev = self.device
+        width = max(len(t) for t in b.block_tables)
+        tables = [t + [0] * (width - len(t)) for t in b.block_tables]
+        md = AttentionMetadata(
+            slot_mapping=torch.tensor(b.slot_mapping, dtype=torch.int64).to(dev, non_blocking=True),
+            cu_seqlens_q=torch.tensor(b.cu_seqlens_q, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(b.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
+            max_query_len=max(b.cu_seqlens_q[i + 1] - b.cu_seqlens_q[i] for i in range(len(b.seq_lens))),
+            max_seq_len=max(b.seq_lens),
+        )
+        input_ids = torch.tensor(b.input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        positions = torch.tensor(b.positions, dtype=torch.int64).to(dev, non_blocking=True)
+        return input_ids, positions, md
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        batch = self._prepare(out.scheduled)
+        hidden = self._forward(batch)
+        result = ModelOutput()
+        sampling = [item for item in out.scheduled if item.samples]
+        if sampling:
+            logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_indices, device=self.device)])
+            rows = [self._sampling_row(item) for item in sampling]
+            sample = self.sampler(logits, rows)
+            for item, token, lp in zip(sampling, sample.token_ids, sample.logprobs):
+                result.sampled[item.request.request_id] = token
+                if lp is not None:
+                    result.logprobs[item.request.request_id] = lp
+        self._prompt_logprobs(out.scheduled, batch, hidden, result)
+        return result
+
+    def _forward(self, batch: _Batch) -> torch.Tensor:
+        num_seqs = len(batch.seq_lens)
+        decode_only = len(batch.input_ids) == num_seqs
+        if decode_only and self.graphs and num_seqs <= self.max_graph_batch:
+            return self._replay(batch)
+        return self.model(*self._tensors(batch))
+
+    def _sampling_row(self, item: ScheduledRequest) -> SamplingRow:
+        request = item.request
+        params = request.sampling_params
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = self.generators.get(request.request_id)
+            if generator is None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed)
+                self.generators[request.request_id] = generator
+        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator)
+
+    def _prompt_logprobs(self, scheduled, batch: _Batch, hidden: torch.Tensor, result: ModelOutput) -> None:
+        for i, item in enumerate(scheduled):
+            request = item.request
+            if not request.needs_prompt_logprobs:
+                continue
+            start = item.start
+            end = min(item.start + item.num_new_tokens, request.num_prompt_tokens - 1)
+            if end <= start:
+                continue
+            offset = batch.cu_seqlens_q[i]
+            logits = self.model.compute_logits(hidden[offset:offset + end - start])
+            next_tokens = torch.tensor(request.prompt_token_ids[start + 1:end + 1], device=self.device)
+            result.prompt_logprobs[request.request_id] = (
+                start, prompt_logprobs(logits, next_tokens, request.sampling_params.prompt_logprobs))
+
+    # ---- CUDA graphs ------------------------------------------------------------------------
+    def _capture_graphs(self) -> None:
+        max_seqs = self.config.scheduler.max_num_seqs
+        sizes = [s for s in GRAPH_BATCH_SIZES if s < max_seqs] + [max_seqs]
+        self.max_graph_batch = max(sizes)
+        dev = self.device
+        max_blocks = -(-self.max_model_len // self.block_size)
+        n = self.max_graph_batch
+        self.static = {
+            "input_ids": torch.zeros(n, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(n, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((n,), -1, dtype=torch.int64, device=dev),
+            "cu_seqlens_q": torch.arange(n + 1, dtype=torch.int32, device=dev),
+            "seq_lens": torch.zeros(n, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros(n, max_blocks, dtype=torch.int32, device=dev),
+        }
+        self.static_hidden = torch.zeros(n, self.hf_config.hidden_size, dtype=self.dtype, device=dev)
+        started = time.perf_counter()
+        pool = None
+        for size in sorted(sizes, reverse=True):
+            s = self.static
+            md = AttentionMetadata(s["slot_mapping"][:size], s["cu_seqlens_q"][:size + 1], s["seq_lens"][:size],
+                                   s["block_tables"][:size], max_query_len=1, max_seq_len=self.max_model_len)
+            args = (s["input_ids"][:size], s["positions"][:size], md)
+            self.static_hidden[:size] = self.model(*args)   # warm-up: compiles kernels outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.static_hidden[:size] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        logger.info("captured %d CUDA graphs for decode batches up to %d in %.1f s",
+                    len(self.graphs), self.max_graph_batch, time.perf_counter() - started)
+
+    def _replay(self, batch: _Batch) -> torch.Tensor:
+        num_seqs = len(batch.seq_lens)
+        size = next(s for s in sorted(self.graphs) if s >= num_seqs)
+        s = self.static
+        width = max(len(t) for t in batch.block_tables)
+        tables = [t + [0] * (width - len(t)) for t in batch.block_tables]
+        host = torch.tensor(batch.input_ids + batch.positions + batch.slot_mapping + batch.seq_lens,
+                            dtype=torch.int64)
+        ids, pos, slots, lens = host.to(self.device, non_blocking=True).split(num_seqs)
+        s["input_ids"][:num_seqs].copy_(ids)
+        s["positions"][:num_seqs].copy_(pos)
+        s["slot_mapping"][:num_seqs].copy_(slots)
+        s["slot_mapping"][num_seqs:size].fill_(-1)
+        s["seq_lens"][:num_seqs].copy_(lens)
+        s["seq_lens"][num_seqs:size].fill_(0)
+        s["block_tables"][:num_seqs, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        self.graphs[size].replay()
+        return self.static_hidden[:num_seqs]

@@ -1,0 +1,163 @@
+"""Turns the batch's last-position logits into next tokens, vectorised over the batch.
+
+Order, as in vLLM: logit_bias, min_tokens (EOS/stop ids masked), penalties, then greedy argmax or
+temperature -> top-k -> top-p -> min-p -> a draw. The draw uses the exponential race
+(argmax p / q, q ~ Exp(1)), so seeded rows only need their own q from their own generator and the
+result does not depend on which other requests share the batch. Logprobs are those of the raw
+model distribution (vLLM's default), top-N plus the sampled token with its rank.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs of one request this step."""
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    # per row: None, or (sampled logprob, sampled rank, top ids, top logprobs)
+    logprobs: list[tuple[float, int, list[int], list[float]] | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+        logits = logits.float()
+        raw = logits
+        want_logprobs = [r.params.logprobs is not None for r in rows]
+        logits = self._apply_logit_bias(logits, rows)
+        logits = self._apply_min_tokens(logits, rows)
+        logits = self._apply_penalties(logits, rows)
+        tokens = self._sample(logits, rows)
+        logprobs: list = [None] * len(rows)
+        if any(want_logprobs):
+            logprobs = self._logprobs(raw, tokens, rows)
+        return SampleResult(tokens.tolist(), logprobs)
+
+    def _apply_logit_bias(self, logits, rows):
+        entries = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]
+        if not entries:
+            return logits
+        logits = logits.clone()
+        index = torch.tensor([[i, t] for i, t, _ in entries], device=logits.device)
+        bias = torch.tensor([b for _, _, b in entries], device=logits.device, dtype=logits.dtype)
+        logits.index_put_((index[:, 0], index[:, 1]), bias, accumulate=True)
+        return logits
+
+    def _apply_min_tokens(self, logits, rows):
+        masked = [(i, t) for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens
+                  for t in set(self.eos_token_ids) | set(r.params.stop_token_ids) if t < logits.shape[1]]
+        if not masked:
+            return logits
+        logits = logits.clone()
+        index = torch.tensor(masked, device=logits.device)
+        logits[index[:, 0], index[:, 1]] = float("-inf")
+        return logits
+
+    def _apply_penalties(self, logits, rows):
+        if not any(r.params.has_penalties for r in rows):
+            return logits
+        device = logits.device
+        batch, vocab = logits.shape
+        output_counts = torch.zeros(batch, vocab, device=device)
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            if r.output_token_ids:
+                out = torch.tensor(r.output_token_ids, device=device)
+                output_counts[i].index_add_(0, out, torch.ones(len(out), device=device))
+            if r.params.repetition_penalty != 1.0 and r.prompt_token_ids:
+                seen[i, torch.tensor(r.prompt_token_ids, device=device)] = True
+        seen |= output_counts > 0
+        rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device).unsqueeze(1)
+        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device).unsqueeze(1)
+        pres = torch.tensor([r.params.presence_penalty for r in rows], device=device).unsqueeze(1)
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+        return logits - freq * output_counts - pres * (output_counts > 0).float()
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+        argmax = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            return argmax
+        temperature = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
+                                   device=logits.device).unsqueeze(1)
+        scaled = logits / temperature
+        scaled = self._truncate(scaled, rows)
+        probs = torch.softmax(scaled, dim=-1)
+        q = torch.empty_like(probs).exponential_()
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                q[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=r.generator)
+        sampled = (probs / q).argmax(dim=-1)
+        return torch.where(greedy, argmax, sampled)
+
+    def _truncate(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """top-k, top-p and min-p: masked tokens get -inf."""
+        device = logits.device
+        vocab = logits.shape[1]
+        top_k = [r.params.top_k for r in rows]
+        top_p = [r.params.top_p for r in rows]
+        min_p = [r.params.min_p for r in rows]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device).unsqueeze(1)
+            positions = torch.arange(vocab, device=device).unsqueeze(0)
+            drop = positions >= k
+            sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs   # mass of strictly better tokens
+            drop |= before >= torch.tensor(top_p, device=device).unsqueeze(1)
+            logits = torch.full_like(logits, float("-inf")).scatter(
+                1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        if any(p > 0.0 for p in min_p):
+            probs = torch.softmax(logits, dim=-1)
+            threshold = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=device).unsqueeze(1)
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        return logits
+
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]):
+        logprobs = torch.log_softmax(raw, dim=-1)
+        k = max(r.params.logprobs or 0 for r in rows)
+        chosen = logprobs.gather(1, tokens.unsqueeze(1))
+        ranks = (logprobs > chosen).sum(dim=-1) + 1
+        top_values, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (None, None)
+        chosen, ranks = chosen.squeeze(1).tolist(), ranks.tolist()
+        top_values = top_values.tolist() if k > 0 else None
+        top_ids = top_ids.tolist() if k > 0 else None
+        out = []
+        for i, r in enumerate(rows):
+            n = r.params.logprobs
+            if n is None:
+                out.append(None)
+                continue
+            out.append((chosen[i], ranks[i], top_ids[i][:n] if n else [], top_values[i][:n] if n else []))
+        return out
+
+
+def prompt_logprobs(logits: torch.Tensor, next_tokens: torch.Tensor, num_top: int):
+    """For positions with logits [P, V] and the actual next tokens [P]: (token logprob, rank, top ids,
+    top logprobs) per position, as plain lists."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, next_tokens.unsqueeze(1))
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    chosen = chosen.squeeze(1).tolist()
+    if num_top > 0:
+        values, ids = logprobs.topk(num_top, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    else:
+        values = ids = [[] for _ in chosen]
+    return [(chosen[i], ranks[i], ids[i], values[i]) for i in range(len(chosen))]

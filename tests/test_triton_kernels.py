@@ -1,0 +1,228 @@
+"""Triton kernels vs the plain-torch oracle (pagedllm.kernels.torch_ref).
+
+With CUDA the kernels run on the GPU. Without it they run under the Triton interpreter on CPU
+tensors: TRITON_INTERPRET is read when @triton.jit decorates a kernel, so it is set here before the
+kernel modules are imported, and the modules are reloaded if another test imported them first.
+"""
+
+import importlib
+import math
+import os
+
+import numpy as np
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+
+from pagedllm.kernels import torch_ref  # noqa: E402
+from pagedllm.kernels.triton import paged_attention as pa_mod  # noqa: E402
+from pagedllm.kernels.triton import store_kv as store_mod  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _use_interpreter():
+    """Make sure the kernels really run under the interpreter on a CPU-only machine."""
+    from triton.runtime import interpreter
+
+    triton.knobs.runtime.interpret = True
+    if not isinstance(pa_mod._paged_attention_kernel, interpreter.InterpretedFunction):
+        importlib.reload(pa_mod)
+        importlib.reload(store_mod)
+    assert isinstance(pa_mod._decode_split_kernel, interpreter.InterpretedFunction)
+    assert isinstance(store_mod._store_kv_kernel, interpreter.InterpretedFunction)
+    # Two gaps of Triton 3.6's interpreter, patched here only (the GPU path is unaffected):
+    # 1. Scalars are 1-element arrays converted with int(), which NumPy >= 2.4 refuses
+    #    (triton-lang/triton#9171), so loops with run-time bounds fail. Take the element instead.
+    patch_tensor = interpreter._patch_lang_tensor
+    if not getattr(patch_tensor, "_pagedllm_fix", False):
+        def patched_tensor(tensor, scope):
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        patched_tensor._pagedllm_fix = True
+        interpreter._patch_lang_tensor = patched_tensor
+    # 2. bfloat16 is stored as uint16 and tl.dot multiplies the raw bits (triton-lang/triton#11584;
+    #    bf16 is unsupported there). Widen bf16 operands to fp32 (exact) first.
+    dot = interpreter.InterpreterBuilder.create_dot
+    if not getattr(dot, "_pagedllm_fix", False):
+        def widen(h):
+            if h.dtype.scalar != triton.language.bfloat16:
+                return h
+            data = (h.data.astype(np.uint32) << 16).view(np.float32)
+            return interpreter.TensorHandle(data, triton.language.float32)
+
+        def patched_dot(self, a, b, *args):
+            return dot(self, widen(a), widen(b), *args)
+        patched_dot._pagedllm_fix = True
+        interpreter.InterpreterBuilder.create_dot = patched_dot
+
+
+if not ON_GPU:
+    _use_interpreter()
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+       torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+# (num_heads, num_kv_heads, head_dim, block_size, dtype): SmolLM2-like 9/3x64, Qwen3-like 16/8x128,
+# ratio 4 with 32-token blocks, MHA with non-power-of-2 head_dim.
+CONFIGS = [
+    (9, 3, 64, 16, torch.bfloat16),
+    (16, 8, 128, 16, torch.float32),
+    (4, 1, 64, 32, torch.float32),
+    (4, 4, 96, 16, torch.float16),
+]
+
+
+def _ids(cfg):
+    h, kvh, d, bs, dt = cfg
+    return f"h{h}-kv{kvh}-d{d}-bs{bs}-{str(dt).split('.')[-1]}"
+
+
+def _pool(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen):
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+    return k, v
+
+
+def _block_tables(seq_lens, block_size, num_blocks, gen):
+    """Each sequence gets distinct blocks drawn from a shuffled pool; rows padded with unused ids."""
+    need = [math.ceil(n / block_size) for n in seq_lens]
+    width = max(need) + 2
+    perm = torch.randperm(num_blocks, generator=gen)
+    assert sum(need) <= num_blocks
+    table = torch.empty(len(seq_lens), width, dtype=torch.int32)
+    pos = 0
+    for i, n in enumerate(need):
+        table[i, :n] = perm[pos:pos + n]
+        table[i, n:] = perm[torch.randint(0, num_blocks, (width - n,), generator=gen)]
+        pos += n
+    return table.to(DEVICE)
+
+
+def _check(out, ref, dtype, valid_rows=None):
+    if valid_rows is not None:
+        out, ref = out[valid_rows], ref[valid_rows]
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN output"
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                     (torch.float32, torch.float32),
+                                                     (torch.float32, torch.bfloat16)])
+def test_store_kv(src_dtype, cache_dtype):
+    gen = torch.Generator().manual_seed(0)
+    num_blocks, block_size, kvh, d = 8, 16, 3, 64
+    tokens = 21
+    # key/value as strided views of a fused qkv projection
+    qkv = torch.randn(tokens, (9 + 2 * kvh) * d, generator=gen).to(src_dtype).to(DEVICE)
+    key = qkv[:, 9 * d:(9 + kvh) * d].view(tokens, kvh, d)
+    value = qkv[:, (9 + kvh) * d:].view(tokens, kvh, d)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[3, 10, 20]] = -1
+    slots = slots.to(DEVICE)
+    k_cache = torch.randn(num_blocks, block_size, kvh, d, generator=gen).to(cache_dtype).to(DEVICE)
+    v_cache = torch.randn(num_blocks, block_size, kvh, d, generator=gen).to(cache_dtype).to(DEVICE)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    torch_ref.store_kv(key, value, k_ref, v_ref, slots)
+    store_mod.store_kv(key, value, k_cache, v_cache, slots)
+    if src_dtype == cache_dtype:
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    else:  # the CPU interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest: allow one ulp
+        torch.testing.assert_close(k_cache, k_ref, atol=0, rtol=2 ** -7)
+        torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=2 ** -7)
+
+
+# Mixed batch: (query tokens, cached prefix). Fresh prefills, chunks on a cached prefix, decodes of
+# varied length, a chunk starting mid-block, and an empty sequence (0 query tokens).
+MIXED = [(70, 0), (1, 40), (33, 40), (1, 1), (16, 113), (0, 10), (1, 64), (5, 0), (1, 130)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
+def test_paged_attention_mixed(cfg):
+    num_heads, kvh, d, block_size, dtype = cfg
+    gen = torch.Generator().manual_seed(1)
+    q_lens = [q for q, _ in MIXED]
+    seq_lens = [q + c for q, c in MIXED]
+    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 7
+    k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, dtype, gen)
+    tables = _block_tables(seq_lens, block_size, num_blocks, gen)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    tokens = sum(q_lens)
+    # query as a strided view (the q part of a fused qkv tensor)
+    qkv = torch.randn(tokens, (num_heads + 2 * kvh) * d, generator=gen).to(dtype).to(DEVICE)
+    query = qkv[:, :num_heads * d].view(tokens, num_heads, d)
+    scale = d ** -0.5
+    out = torch.full((tokens, num_heads, d), float("nan"), dtype=dtype, device=DEVICE)
+    result = pa_mod.paged_attention(query, k_cache, v_cache, cu, lens, tables, scale,
+                                    max_query_len=max(q_lens), max_seq_len=max(seq_lens), out=out)
+    assert result is out
+    ref = torch_ref.paged_attention(query.cpu(), k_cache.cpu(), v_cache.cpu(), cu.cpu(), lens.cpu(),
+                                    tables.cpu(), scale)
+    _check(out, ref, dtype)
+
+
+DECODE_LENS = [1, 15, 16, 17, 63, 64, 65, 200, 257, 600, 0, 129]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=_ids)
+def test_paged_attention_decode_only(cfg):
+    """Pure decode batch through the mixed kernel (small-tile path)."""
+    num_heads, kvh, d, block_size, dtype = cfg
+    gen = torch.Generator().manual_seed(2)
+    seq_lens = [n for n in DECODE_LENS if n > 0]
+    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 3
+    k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, dtype, gen)
+    tables = _block_tables(seq_lens, block_size, num_blocks, gen)
+    batch = len(seq_lens)
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(batch, num_heads, d, generator=gen).to(dtype).to(DEVICE)
+    out = torch.full_like(query, float("nan"))
+    pa_mod.paged_attention(query, k_cache, v_cache, cu, lens, tables, d ** -0.5,
+                           max_query_len=1, max_seq_len=max(seq_lens), out=out)
+    ref = torch_ref.paged_attention(query.cpu(), k_cache.cpu(), v_cache.cpu(), cu.cpu(), lens.cpu(),
+                                    tables.cpu(), d ** -0.5)
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("max_model_len", [1024, 8192])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
+def test_decode_attention(cfg, max_model_len):
+    """Split-K decode: lengths around tile/block edges and crossing split boundaries (max_model_len
+    1024 caps the split count at 4; 8192 allows 32, giving 6-32 here depending on batch x kv heads),
+    plus a padding row with seq_len 0 that must come out as zeros."""
+    num_heads, kvh, d, block_size, dtype = cfg
+    gen = torch.Generator().manual_seed(3)
+    seq_lens = DECODE_LENS
+    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 5
+    k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, dtype, gen)
+    tables = _block_tables([max(n, 1) for n in seq_lens], block_size, num_blocks, gen)
+    batch = len(seq_lens)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(batch, num_heads, d, generator=gen).to(dtype).to(DEVICE)
+    scale = d ** -0.5
+    out = torch.full_like(query, float("nan"))
+    result = pa_mod.decode_attention(query, k_cache, v_cache, lens, tables, scale, max_model_len, out=out)
+    assert result is out
+    valid = [i for i, n in enumerate(seq_lens) if n > 0]
+    cu = torch.arange(len(valid) + 1, dtype=torch.int32)
+    ref = torch_ref.paged_attention(query[valid].cpu(), k_cache.cpu(), v_cache.cpu(), cu, lens[valid].cpu(),
+                                    tables[valid].cpu(), scale)
+    _check(out[valid], ref, dtype)
+    padding = [i for i, n in enumerate(seq_lens) if n == 0]
+    assert (out[padding] == 0).all()
+
+
+def test_decode_split_count_depends_on_shapes_only():
+    """CUDA-graph safety: the split count comes from batch, kv heads and max_model_len alone."""
+    dev = torch.device(DEVICE)
+    assert pa_mod._num_splits(1, 8, 40960, dev) == pa_mod._MAX_SPLITS
+    assert pa_mod._num_splits(256, 8, 40960, dev) == 1
+    assert pa_mod._num_splits(1, 8, 300, dev) == 2
