@@ -1,9 +1,10 @@
 """`pagedllm bench ...`: benchmark subcommands, each writing a JSON result and a markdown table."""
 
 import argparse
+import gc
 
 from pagedllm.bench import results, workloads
-from pagedllm.bench.throughput import run_llm, run_sequential
+from pagedllm.bench.throughput import run_llm, run_llm_roofline, run_sequential
 
 
 def register(sub) -> None:
@@ -17,19 +18,70 @@ def register(sub) -> None:
     tp.add_argument("--output-len", type=int, default=128)
     tp.add_argument("--temperature", type=float, default=None,
                     help="default: 0.6 for nano, 0 (greedy) otherwise")
-    tp.add_argument("--baseline", choices=["none", "sequential"], default="none",
-                    help="also run the same requests one at a time, in the same process")
-    tp.add_argument("--output", default=None, help="path stem for the .json and .md results")
+    tp.add_argument("--baseline", choices=["none", "sequential", "hf", "all"], default="none",
+                    help="sequential: the same requests one at a time; hf: through Hugging Face transformers "
+                         "(padded-batch generate + continuous batching) on the same weights; all: both; "
+                         "each in the same process")
+    tp.add_argument("--hf-batch-size", type=int, default=None, help="HF generate batch (default 128 GPU, 8 CPU)")
+    tp.add_argument("--hf-max-requests", type=int, default=None,
+                    help="run only the first N requests through HF (recorded in the JSON)")
+    tp.add_argument("--hf-continuous", action=argparse.BooleanOptionalAction, default=True,
+                    help="also try transformers' continuous batching (generate_batch)")
+    tp.add_argument("--hf-timeout", type=float, default=1800,
+                    help="give up on HF continuous batching after this many seconds (recorded as an error)")
+    tp.add_argument("--output", default=None, help="path stem for the .json, .md and .png results")
     tp.set_defaults(func=cmd_throughput)
+
+    lat = bench.add_parser("latency", help="one request: TTFT and mean time per output token")
+    add_engine_args(lat)
+    lat.add_argument("--input-len", type=int, default=512)
+    lat.add_argument("--output-len", type=int, default=256)
+    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--output", default=None, help="path stem for the .json, .md and .png results")
+    lat.set_defaults(func=cmd_latency)
+
+    pf = bench.add_parser("prefix", help="shared-prefix workload, prefix caching on vs off")
+    add_engine_args(pf)
+    pf.add_argument("--num-prefixes", type=int, default=10)
+    pf.add_argument("--prefix-len", type=int, default=768)
+    pf.add_argument("--unique-len", type=int, default=256)
+    pf.add_argument("--per-prefix", type=int, default=10, help="requests per system prompt")
+    pf.add_argument("--output-len", type=int, default=128)
+    pf.add_argument("--seed-workload", type=int, default=0)
+    pf.add_argument("--output", default=None, help="path stem for the .json, .md and .png results")
+    pf.set_defaults(func=cmd_prefix)
+
+
+def _engine(args, **overrides):
+    from pagedllm import LLM
+    from pagedllm.entrypoints.cli import engine_kwargs
+    kwargs = {**engine_kwargs(args), **overrides}
+    return LLM(args.model, **kwargs)
+
+
+def _free_cuda() -> None:
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _plot(kind: str, result: dict, output: str | None) -> None:
+    if not output:
+        return
+    from pagedllm.bench import plots
+    try:
+        getattr(plots, f"{kind}_plot")(result, output)
+    except Exception as exc:  # noqa: BLE001 - a plot must not lose the result
+        print(f"plot failed: {type(exc).__name__}: {exc}")
 
 
 def cmd_throughput(args: argparse.Namespace) -> None:
-    from pagedllm import LLM
-    from pagedllm.entrypoints.cli import engine_kwargs
-    kwargs = engine_kwargs(args)
+    from pagedllm.bench.roofline import measure_bandwidth
+    overrides = {}
     if args.workload == "nano" and args.max_model_len is None:
-        kwargs["max_model_len"] = 4096
-    llm = LLM(args.model, **kwargs)
+        overrides["max_model_len"] = 4096
+    llm = _engine(args, **overrides)
     vocab = llm.engine.vocab_size
     if args.workload == "nano":
         reqs = workloads.nano_requests(vocab, num=args.num_prompts)
@@ -37,17 +89,108 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     else:
         reqs = workloads.random_requests(args.num_prompts, args.input_len, args.output_len, vocab)
         temperature = 0.0 if args.temperature is None else args.temperature
+    device = llm.engine.config.device
+    bw = measure_bandwidth(device)
     run_llm(llm, reqs[:2], temperature)   # warm-up
-    rows = [{"mode": "pagedllm (all at once)", **run_llm(llm, reqs, temperature)}]
+    rows = [{"mode": "pagedllm (all at once)", **run_llm_roofline(llm, reqs, temperature,
+                                                                  bw["bandwidth_bytes_per_s"])}]
     result = {**results.environment(), "benchmark": "throughput", "workload": args.workload,
               "model": llm.engine.config.model.model, "dtype": llm.engine.config.model.dtype,
-              "temperature": temperature, **rows[0]}
-    if args.baseline == "sequential":
-        rows.append({"mode": "one at a time", **run_sequential(llm, reqs, temperature)})
-        result["baseline"] = {"name": "sequential", **rows[1]}
-        result["speedup_vs_baseline"] = rows[0]["output_tokens_per_s"] / rows[1]["output_tokens_per_s"]
+              "device_str": device, "temperature": temperature, **bw, **rows[0], "baselines": {}}
+    result.pop("mode")
+    if args.baseline in ("sequential", "all"):
+        seq = run_sequential(llm, reqs, temperature)
+        rows.append({"mode": "one at a time", **seq})
+        result["baselines"]["sequential"] = {"name": "sequential", **seq}
+    if args.baseline in ("hf", "all"):
+        from pagedllm.bench.hf_baseline import build_hf_model, run_hf_baseline
+        hf_reqs = reqs[:args.hf_max_requests] if args.hf_max_requests else reqs
+        batch = args.hf_batch_size or (128 if device.startswith("cuda") else 8)
+        # save what we have, in case the (slow) HF part is killed
+        results.save({**result, "hf": "not finished"}, args.output, "(partial: pagedllm done, HF running)")
+        hf = build_hf_model(llm)
+        del llm   # the engine (and its KV pool) goes before HF runs
+        _free_cuda()
+        import torch
+        if torch.cuda.is_available():
+            result["cuda_memory_allocated_before_hf"] = torch.cuda.memory_allocated()
+        # warm-up: a tiny generate
+        from pagedllm.bench.hf_baseline import run_hf_generate
+        run_hf_generate(hf, [workloads.BenchRequest(r.prompt_token_ids[:16], 2) for r in hf_reqs[:2]],
+                        temperature, 2)
+        hf_out = run_hf_baseline(hf, hf_reqs, temperature, batch, continuous=args.hf_continuous,
+                                 timeout_s=args.hf_timeout)
+        del hf
+        _free_cuda()
+        note = (f"HF ran the first {len(hf_reqs)} of {len(reqs)} requests (--hf-max-requests)"
+                if len(hf_reqs) < len(reqs) else f"HF ran all {len(reqs)} requests")
+        result["hf"] = {**hf_out, "num_requests": len(hf_reqs), "note": note}
+        for key, label in (("generate", "hf generate"), ("continuous_batching", "hf continuous")):
+            entry = hf_out.get(key, {})
+            result["baselines"][label] = entry
+            if "output_tokens_per_s" in entry:
+                rows.append({"mode": entry["name"], **{k: v for k, v in entry.items() if k != "name"}})
+            elif "error" in entry:
+                rows.append({"mode": f"{label} FAILED: {entry['error'][:80]}"})
+    ok = {k: v for k, v in result["baselines"].items() if v.get("output_tokens_per_s")}
+    if ok:
+        # the primary baseline: the fastest one that ran (the most conservative speed-up)
+        name, best = max(ok.items(), key=lambda kv: kv[1]["output_tokens_per_s"])
+        result["baseline"] = {"name": name, "output_tokens_per_s": best["output_tokens_per_s"]}
+        result["speedup_vs_baseline"] = result["output_tokens_per_s"] / best["output_tokens_per_s"]
+        for k, v in ok.items():
+            result[f"speedup_vs_{k.replace(' ', '_')}"] = result["output_tokens_per_s"] / v["output_tokens_per_s"]
     table = results.markdown_table(rows, ["mode", "num_requests", "elapsed_s", "requests_per_s",
                                           "output_tokens_per_s", "total_tokens_per_s"])
-    if "speedup_vs_baseline" in result:
-        table += f"\n\nspeed-up over one at a time: {result['speedup_vs_baseline']:.2f}x"
+    table += (f"\n\nroofline: bandwidth {result['bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s, weights "
+              f"{result['weight_bytes'] / 1e9:.3f} GB, KV {result['kv_bytes_per_token']:,} B/token, "
+              f"{result['decode_steps']} decode steps, ideal {result['ideal_time_s']:.2f} s "
+              f"({result['ideal_output_tokens_per_s']:,.0f} tok/s), roofline_fraction "
+              f"{result['roofline_fraction']:.3f}")
+    for k, v in ok.items():
+        table += f"\n\nspeed-up over {k}: {result['output_tokens_per_s'] / v['output_tokens_per_s']:.2f}x"
+    if "hf" in result:
+        table += f"\n\n{result['hf']['note']}"
     results.save(result, args.output, table)
+    _plot("throughput", result, args.output)
+
+
+def cmd_latency(args: argparse.Namespace) -> None:
+    from pagedllm.bench.latency import run_latency
+    from pagedllm.bench.roofline import measure_bandwidth
+    llm = _engine(args)
+    bw = measure_bandwidth(llm.engine.config.device)
+    lat = run_latency(llm, args.input_len, args.output_len, args.repeats, bandwidth=bw["bandwidth_bytes_per_s"])
+    result = {**results.environment(), "benchmark": "latency", "workload": "latency",
+              "model": llm.engine.config.model.model, "dtype": llm.engine.config.model.dtype,
+              "device_str": llm.engine.config.device, "enforce_eager": args.enforce_eager, **bw, **lat}
+    table = results.markdown_table([result], ["workload", "prompt_len", "output_len", "ttft_ms", "tpot_ms",
+                                              "ideal_tpot_ms", "output_tokens_per_s", "roofline_fraction"])
+    results.save(result, args.output, table)
+    _plot("latency", result, args.output)
+
+
+def cmd_prefix(args: argparse.Namespace) -> None:
+    from pagedllm.bench.prefix import run_prefix_mode
+
+    def make(enable: bool):
+        return _engine(args, enable_prefix_caching=enable)
+
+    on = run_prefix_mode(make, True, args, None)
+    off = run_prefix_mode(make, False, args, on["bandwidth_bytes_per_s"])
+    speedup = on["output_tokens_per_s"] / off["output_tokens_per_s"]
+    result = {**results.environment(), "benchmark": "prefix", "workload": "prefix",
+              "model": on.pop("model"), "dtype": on.pop("dtype"), "device_str": on.pop("device_str"),
+              "num_prefixes": args.num_prefixes, "prefix_len": args.prefix_len, "unique_len": args.unique_len,
+              "per_prefix": args.per_prefix, "output_len": args.output_len,
+              "output_tokens_per_s": on["output_tokens_per_s"], "roofline_fraction": on["roofline_fraction"],
+              "hit_rate": on["hit_rate"], "speedup": speedup,
+              "baseline": {"name": "prefix caching off", "output_tokens_per_s": off["output_tokens_per_s"],
+                           "roofline_fraction": off["roofline_fraction"]},
+              "on": on, "off": {k: v for k, v in off.items() if k not in ("model", "dtype", "device_str")}}
+    rows = [{"mode": "prefix caching on", **on}, {"mode": "prefix caching off", **result["off"]}]
+    table = results.markdown_table(rows, ["mode", "num_requests", "elapsed_s", "output_tokens_per_s",
+                                          "total_tokens_per_s", "hit_rate", "roofline_fraction"])
+    table += f"\n\nspeed-up with prefix caching: {speedup:.2f}x (hit rate {on['hit_rate']:.1%} of prompt tokens)"
+    results.save(result, args.output, table)
+    _plot("prefix", result, args.output)

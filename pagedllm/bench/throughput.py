@@ -50,3 +50,21 @@ def sync(llm) -> None:
     import torch
     if torch.cuda.is_available() and llm.engine.config.device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def run_llm_roofline(llm, requests: list[BenchRequest], temperature: float, bandwidth: float) -> dict:
+    """run_llm, plus the roofline fields (decode steps counted by wrapping llm.engine.step)."""
+    from pagedllm.bench.roofline import StepCounter, roofline
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [_params(r, temperature) for r in requests]
+    counter = StepCounter(llm)
+    sync(llm)
+    with counter.counting():
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        sync(llm)
+        elapsed = time.perf_counter() - start
+    summary = summarize(requests, outputs, elapsed)
+    summary.update(roofline(llm, counter, [len(r.prompt_token_ids) for r in requests],
+                            [len(o.outputs[0].token_ids) for o in outputs], elapsed, bandwidth))
+    return summary

@@ -132,7 +132,7 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("prompt must not be empty")
         if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+            raise ValueError(f"prompt token ids must be integers in the vocabulary [0, {self.vocab_size})")
         if len(token_ids) >= max_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens, which leaves no room to generate within "
                              f"max_model_len {max_len}")

@@ -69,6 +69,25 @@ def cmd_kv_cache(args: argparse.Namespace) -> None:
     print(memory.kv_table(model, args.num_seqs))
 
 
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """`pagedllm serve` flags (vLLM's names) on top of the engine's."""
+    import os
+    add_engine_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (use 0.0.0.0 to listen on all)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: env PAGEDLLM_API_KEY)")
+    parser.add_argument("--max-logprobs", type=int, default=20)
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pagedllm.entrypoints.server import run_server
+    run_server(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
@@ -89,6 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     kv.add_argument("--max-model-len", type=int, default=None)
     kv.add_argument("--num-seqs", type=int, default=10)
     kv.set_defaults(func=cmd_kv_cache)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     from pagedllm.bench import cli as bench_cli
     bench_cli.register(sub)
