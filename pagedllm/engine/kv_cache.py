@@ -168,10 +168,10 @@ class KVCacheManager:
                 del self._blocks[request.request_id]
             return False
         self.pool.touch(list(cached))
-        blocks.extend(cached)
-        if needed > 0:
-            blocks.extend(self.pool.allocate(needed))
-        request.block_ids = [b.block_id for b in blocks]
+        new_blocks = list(cached) + (self.pool.allocate(needed) if needed > 0 else [])
+        if new_blocks:
+            blocks.extend(new_blocks)
+            request.block_ids.extend(b.block_id for b in new_blocks)
         if self.enable_prefix_caching:
             self._register_full_blocks(request, blocks, total)
         return True

@@ -74,12 +74,11 @@ class Request:
     def needs_prompt_logprobs(self) -> bool:
         return self.sampling_params.prompt_logprobs is not None
 
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
-
     def tokens_in(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output without concatenating the whole sequence."""
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
-        return self.all_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]

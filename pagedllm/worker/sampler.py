@@ -90,10 +90,10 @@ class Sampler:
         return logits - freq * output_counts - pres * (output_counts > 0).float()
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
         argmax = logits.argmax(dim=-1)
-        if bool(greedy.all()):
+        if all(r.params.greedy for r in rows):
             return argmax
+        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
         temperature = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
                                    device=logits.device).unsqueeze(1)
         scaled = logits / temperature
