@@ -45,6 +45,14 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def _block_table_array(tables: list[list[int]]) -> np.ndarray:
+    """Per-request block id lists as one zero-padded int32 array."""
+    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+    for row, table in zip(out, tables):
+        row[:len(table)] = table
+    return out
+
+
 @dataclass
 class _Batch:
     input_ids: list[int]
@@ -170,13 +178,12 @@ class ModelRunner:
 
     def _tensors(self, b: _Batch):
         dev = self.device
-        width = max(len(t) for t in b.block_tables)
-        tables = [t + [0] * (width - len(t)) for t in b.block_tables]
+        tables = torch.from_numpy(_block_table_array(b.block_tables))
         md = AttentionMetadata(
             slot_mapping=torch.tensor(b.slot_mapping, dtype=torch.int64).to(dev, non_blocking=True),
             cu_seqlens_q=torch.tensor(b.cu_seqlens_q, dtype=torch.int32).to(dev, non_blocking=True),
             seq_lens=torch.tensor(b.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=tables.to(dev, non_blocking=True),
             max_query_len=max(b.cu_seqlens_q[i + 1] - b.cu_seqlens_q[i] for i in range(len(b.seq_lens))),
             max_seq_len=max(b.seq_lens),
         )
@@ -272,8 +279,7 @@ class ModelRunner:
         num_seqs = len(batch.seq_lens)
         size = next(s for s in sorted(self.graphs) if s >= num_seqs)
         s = self.static
-        width = max(len(t) for t in batch.block_tables)
-        tables = [t + [0] * (width - len(t)) for t in batch.block_tables]
+        tables = torch.from_numpy(_block_table_array(batch.block_tables))
         host = torch.tensor(batch.input_ids + batch.positions + batch.slot_mapping + batch.seq_lens,
                             dtype=torch.int64)
         ids, pos, slots, lens = host.to(self.device, non_blocking=True).split(num_seqs)
@@ -283,6 +289,6 @@ class ModelRunner:
         s["slot_mapping"][num_seqs:size].fill_(-1)
         s["seq_lens"][:num_seqs].copy_(lens)
         s["seq_lens"][num_seqs:size].fill_(0)
-        s["block_tables"][:num_seqs, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        s["block_tables"][:num_seqs, :tables.shape[1]].copy_(tables, non_blocking=True)
         self.graphs[size].replay()
         return self.static_hidden[:num_seqs]
