@@ -143,7 +143,11 @@ def test_store_kv(src_dtype, cache_dtype):
 MIXED = [(70, 0), (1, 40), (33, 40), (1, 1), (16, 113), (0, 10), (1, 64), (5, 0), (1, 130)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
+# fp32 runs the 16-row tile; these bf16 cases cover the 64-row prefill tile for ratios 2 and 4.
+MIXED_CONFIGS = CONFIGS + [(16, 8, 128, 16, torch.bfloat16), (8, 2, 128, 32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("cfg", MIXED_CONFIGS, ids=_ids)
 def test_paged_attention_mixed(cfg):
     num_heads, kvh, d, block_size, dtype = cfg
     gen = torch.Generator().manual_seed(1)
@@ -192,12 +196,13 @@ def test_paged_attention_decode_only(cfg):
     _check(out, ref, dtype)
 
 
-@pytest.mark.parametrize("max_model_len", [1024, 8192])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("cfg,max_model_len", [(cfg, 1024) for cfg in CONFIGS] + [(CONFIGS[0], 8192),
+                                                                                 (CONFIGS[2], 8192)],
+                         ids=lambda p: _ids(p) if isinstance(p, tuple) else f"mml{p}")
 def test_decode_attention(cfg, max_model_len):
     """Split-K decode: lengths around tile/block edges and crossing split boundaries (max_model_len
-    1024 caps the split count at 4; 8192 allows 32, giving 6-32 here depending on batch x kv heads),
-    plus a padding row with seq_len 0 that must come out as zeros."""
+    1024 caps the split count at 4; 8192 allows 32: 15 resp. 32 splits for the two configs run with
+    it), plus a padding row with seq_len 0 that must come out as zeros."""
     num_heads, kvh, d, block_size, dtype = cfg
     gen = torch.Generator().manual_seed(3)
     seq_lens = DECODE_LENS

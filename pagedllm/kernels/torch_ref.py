@@ -61,8 +61,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             continue
         k = gather_kv(k_cache, block_tables[i], lens[i])
         v = gather_kv(v_cache, block_tables[i], lens[i])
-        q_pos = torch.arange(lens[i] - q_len, lens[i]).unsqueeze(1)
-        mask = torch.arange(lens[i]).unsqueeze(0) <= q_pos
+        q_pos = torch.arange(lens[i] - q_len, lens[i], device=query.device).unsqueeze(1)
+        mask = torch.arange(lens[i], device=query.device).unsqueeze(0) <= q_pos
         out[start:end] = _attend(query[start:end], k, v, scale, mask)
     return out
 
@@ -73,8 +73,8 @@ def _decode(query, k_cache, v_cache, cu, lens, block_tables, rows, scale):
     k = torch.stack([_padded(k_cache, block_tables[i], lens[i], max_len) for i in rows])
     v = torch.stack([_padded(v_cache, block_tables[i], lens[i], max_len) for i in rows])
     q = query[[cu[i] for i in rows]].unsqueeze(1)                     # [B, 1, H, D]
-    lengths = torch.tensor([lens[i] for i in rows]).unsqueeze(1)
-    mask = (torch.arange(max_len).unsqueeze(0) < lengths).unsqueeze(1)  # [B, 1, K]
+    lengths = torch.tensor([lens[i] for i in rows], device=query.device).unsqueeze(1)
+    mask = (torch.arange(max_len, device=query.device).unsqueeze(0) < lengths).unsqueeze(1)  # [B, 1, K]
     return _attend(q, k, v, scale, mask).squeeze(1)
 
 

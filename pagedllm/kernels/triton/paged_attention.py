@@ -151,8 +151,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     assert query.stride(-1) == 1 and out.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     group = query.shape[1] // k_cache.shape[2]
-    # Decode rows fill only `group` of the tile's rows: use the smallest tile tl.dot allows.
-    block_m = 16 if max_query_len * group <= 16 else 64
+    # Decode rows fill only `group` of the tile's rows: use the smallest tile tl.dot allows. fp32
+    # inputs (tests, debugging) take exact-fp32 FMA dots, which spill registers at 64-row tiles.
+    block_m = 64 if max_query_len * group > 16 and query.element_size() == 2 else 16
     _paged_attention_launch(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out,
                             block_m=block_m, block_n=64, num_warps=4, num_stages=2)
     return out
