@@ -159,8 +159,12 @@ class KVCacheManager:
         the caller then counts as computed) plus num_new_tokens. False (nothing changed) if the
         pool is too small."""
         blocks = self._blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(cached) * self.block_size
-        total = num_computed + num_new_tokens
+        total = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        if not cached and total <= len(blocks) * self.block_size:
+            # the common decode step: the last block still has room
+            if self.enable_prefix_caching and total % self.block_size == 0:
+                self._register_full_blocks(request, blocks, total)
+            return True
         needed = -(-total // self.block_size) - len(blocks) - len(cached)
         reclaimable = sum(1 for b in cached if b.ref_count == 0)
         if needed > self.pool.num_free - reclaimable:

@@ -7,6 +7,8 @@ ROPE_INIT_FUNCTIONS, so they match the reference implementation exactly.
 import torch
 from torch import nn
 
+from pagedllm.layers.compile import fused_on_gpu
+
 
 def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
@@ -33,9 +35,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, H, D], k [T, KVH, D] -> rotated, same dtypes."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return apply_rotary(positions, q, k, self.cos, self.sin)
+
+
+@fused_on_gpu
+def apply_rotary(positions, q, k, cos_table, sin_table):
+    cos = cos_table[positions].unsqueeze(1)
+    sin = sin_table[positions].unsqueeze(1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

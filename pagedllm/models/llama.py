@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.layers.attention import Attention, AttentionMetadata
+from pagedllm.layers.compile import fused_on_gpu
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 
@@ -67,8 +68,13 @@ class MLP(nn.Module):
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+@fused_on_gpu
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
