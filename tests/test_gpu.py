@@ -19,8 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 QWEN3_CONFIG = Path(__file__).parent.parent / "pagedllm" / "data" / "qwen3-0.6b-config.json"
 
 
-def free_gpu(*objects) -> None:
-    del objects
+def free_gpu() -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -44,7 +43,8 @@ def test_float32_greedy_matches_hf(qwen3_checkpoint):
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     llm = LLM(path, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.3, max_num_seqs=16)
     ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    free_gpu(llm)
+    del llm
+    free_gpu()
     hf = hf.cuda().eval()
     for prompt, got in zip(prompts, ours):
         ids = torch.tensor([prompt], device="cuda")
@@ -65,5 +65,6 @@ def test_bf16_cuda_graphs_match_eager():
                   gpu_memory_utilization=0.3, enforce_eager=eager, max_num_seqs=32)
         assert bool(llm.engine.model_runner.graphs) != eager
         outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        free_gpu(llm)
+        del llm
+        free_gpu()
     assert outputs[True] == outputs[False]

@@ -73,6 +73,7 @@ class ModelRunner:
         self.max_model_len = config.model.max_model_len
         self.hf_config = config.model.hf_config
         torch.manual_seed(config.seed)
+        self._allocated_before_load = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
         self.model = self._load_model(source)
         self.sampler = Sampler(self.hf_config.vocab_size, config.scheduler.eos_token_ids)
         self.generators: dict[str, torch.Generator] = {}
@@ -102,18 +103,20 @@ class ModelRunner:
         if self.device.type != "cuda":
             return memory.num_blocks_for_budget(model_cfg, cache, cache.kv_cache_memory)
         torch.cuda.synchronize()
-        weights = torch.cuda.memory_allocated()
+        loaded = torch.cuda.memory_allocated()
+        weights = loaded - self._allocated_before_load
         torch.cuda.reset_peak_memory_stats()
         self._profile_run()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - weights
+        peak = torch.cuda.max_memory_allocated() - loaded
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
         budget = memory.gpu_kv_budget(total, cache.gpu_memory_utilization, weights + non_torch, peak)
-        logger.info("GPU memory: %s total, weights %s, activation peak %s, other %s, KV budget %s",
+        budget = min(budget, free - peak - memory.GiB // 2)   # never more than is actually free
+        logger.info("GPU memory: %s total, weights %s, activation peak %s, outside torch %s, KV budget %s",
                     memory.format_bytes(total), memory.format_bytes(weights), memory.format_bytes(peak),
                     memory.format_bytes(non_torch), memory.format_bytes(budget))
-        torch.cuda.empty_cache()
         if budget <= 0:
             raise ValueError("no GPU memory left for the KV cache: raise gpu_memory_utilization "
                              "or lower max_num_batched_tokens")
