@@ -2,7 +2,7 @@
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.engine.kv_cache import KVCacheManager
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.request import PLACEHOLDER, Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.sampling_params import SamplingParams
 
@@ -21,7 +21,9 @@ def req(rid, n, max_tokens=8):
 
 
 def run_step(s: Scheduler, token: int = 5):
+    """One synchronous step: schedule, launch, fill in the samples."""
     out = s.schedule()
+    s.on_launched(out)
     sampled = {i.request.request_id: token for i in out.scheduled if i.samples}
     s.update_from_output(out, sampled)
     return out
@@ -38,6 +40,7 @@ def test_budget_and_chunked_prefill_mix_with_decode():
     # a decodes one token, b continues its prefill with the rest of the budget
     assert [(i.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 15)]
     assert [i.samples for i in out.scheduled] == [True, False]
+    s.on_launched(out)
     s.update_from_output(out, {"a": 5})
     out = s.schedule()
     assert [(i.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 9)]
@@ -78,3 +81,34 @@ def test_finish_on_length_and_abort_free_blocks():
     aborted = s.finish_request("b", RequestStatus.FINISHED_ABORTED)
     assert aborted.status == RequestStatus.FINISHED_ABORTED
     assert s.kv_cache.num_free_blocks == s.kv_cache.num_blocks and not s.has_unfinished()
+
+
+def test_pipelined_steps_use_placeholders():
+    """Step N+1 is scheduled before step N's token arrives; a stop found late drops the extra token."""
+    s = make(budget=64)
+    s.add_request(Request("a", [11, 12, 13, 14, 15, 16], SamplingParams(max_tokens=3), 3))
+    first = s.schedule()
+    s.on_launched(first)
+    a = first.scheduled[0].request
+    assert a.output_token_ids == [PLACEHOLDER] and a.num_known_tokens == 6
+    second = s.schedule()            # decodes the placeholder before its value is known
+    assert [(i.num_new_tokens, i.samples) for i in second.scheduled] == [(1, True)]
+    s.on_launched(second)
+    s.update_from_output(first, {"a": 7})
+    assert a.output_token_ids == [7, PLACEHOLDER]
+    third = s.schedule()
+    s.on_launched(third)
+    s.update_from_output(second, {"a": 0})   # EOS arrives: finish, drop the in-flight token
+    assert a.is_finished and a.output_token_ids == [7, 0]
+    s.update_from_output(third, {"a": 9})    # ignored: the request already finished
+    assert a.output_token_ids == [7, 0] and s.kv_cache.num_free_blocks == s.kv_cache.num_blocks
+
+
+def test_max_tokens_request_waits_for_its_last_token():
+    s = make(budget=64)
+    s.add_request(req("a", 4, max_tokens=1))
+    first = s.schedule()
+    s.on_launched(first)
+    assert s.schedule().is_empty           # nothing to compute until the last token lands
+    s.update_from_output(first, {"a": 5})
+    assert not s.has_unfinished()

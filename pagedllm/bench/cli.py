@@ -16,6 +16,8 @@ def register(sub) -> None:
     tp.add_argument("--num-prompts", type=int, default=64)
     tp.add_argument("--input-len", type=int, default=128)
     tp.add_argument("--output-len", type=int, default=128)
+    tp.add_argument("--nano-len-range", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"),
+                    help="nano workload: input and output lengths uniform in [MIN, MAX] (default 100 1024)")
     tp.add_argument("--temperature", type=float, default=None,
                     help="default: 0.6 for nano, 0 (greedy) otherwise")
     tp.add_argument("--baseline", choices=["none", "sequential", "hf", "all"], default="none",
@@ -31,6 +33,9 @@ def register(sub) -> None:
                     help="give up on HF continuous batching after this many seconds (recorded as an error)")
     tp.add_argument("--output", default=None, help="path stem for the .json, .md and .png results")
     tp.set_defaults(func=cmd_throughput)
+
+    from pagedllm.bench import serve
+    serve.add_parser(bench)
 
     lat = bench.add_parser("latency", help="one request: TTFT and mean time per output token")
     add_engine_args(lat)
@@ -59,6 +64,20 @@ def _engine(args, **overrides):
     return LLM(args.model, **kwargs)
 
 
+def _bandwidth(args) -> dict:
+    """Measured before the engine is built, so the copy buffers never compete with the KV pool."""
+    import torch
+    from pagedllm.bench.roofline import measure_bandwidth
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return measure_bandwidth(device)
+
+
+def _reset_prefix_cache(llm) -> None:
+    reset = getattr(llm.engine.kv_cache, "reset_prefix_cache", None)
+    if reset is not None:
+        reset()
+
+
 def _free_cuda() -> None:
     import torch
     gc.collect()
@@ -77,24 +96,29 @@ def _plot(kind: str, result: dict, output: str | None) -> None:
 
 
 def cmd_throughput(args: argparse.Namespace) -> None:
-    from pagedllm.bench.roofline import measure_bandwidth
     overrides = {}
     if args.workload == "nano" and args.max_model_len is None:
         overrides["max_model_len"] = 4096
+    bw = _bandwidth(args)
     llm = _engine(args, **overrides)
     vocab = llm.engine.vocab_size
     if args.workload == "nano":
-        reqs = workloads.nano_requests(vocab, num=args.num_prompts)
+        lo, hi = args.nano_len_range
+        reqs = workloads.nano_requests(vocab, num=args.num_prompts, min_len=lo, max_len=hi)
         temperature = 0.6 if args.temperature is None else args.temperature
     else:
         reqs = workloads.random_requests(args.num_prompts, args.input_len, args.output_len, vocab)
         temperature = 0.0 if args.temperature is None else args.temperature
     device = llm.engine.config.device
-    bw = measure_bandwidth(device)
     run_llm(llm, reqs[:2], temperature)   # warm-up
+    _reset_prefix_cache(llm)              # so the warm-up prompts are not cache hits in the timed run
     rows = [{"mode": "pagedllm (all at once)", **run_llm_roofline(llm, reqs, temperature,
                                                                   bw["bandwidth_bytes_per_s"])}]
     result = {**results.environment(), "benchmark": "throughput", "workload": args.workload,
+              "workload_params": ({"num_prompts": args.num_prompts, "len_range": list(args.nano_len_range)}
+                                  if args.workload == "nano" else
+                                  {"num_prompts": args.num_prompts, "input_len": args.input_len,
+                                   "output_len": args.output_len}),
               "model": llm.engine.config.model.model, "dtype": llm.engine.config.model.dtype,
               "device_str": device, "temperature": temperature, **bw, **rows[0], "baselines": {}}
     result.pop("mode")
@@ -103,35 +127,49 @@ def cmd_throughput(args: argparse.Namespace) -> None:
         rows.append({"mode": "one at a time", **seq})
         result["baselines"]["sequential"] = {"name": "sequential", **seq}
     if args.baseline in ("hf", "all"):
-        from pagedllm.bench.hf_baseline import build_hf_model, run_hf_baseline
+        from pagedllm.bench import hf_baseline
         hf_reqs = reqs[:args.hf_max_requests] if args.hf_max_requests else reqs
         batch = args.hf_batch_size or (128 if device.startswith("cuda") else 8)
-        # save what we have, in case the (slow) HF part is killed
-        results.save({**result, "hf": "not finished"}, args.output, "(partial: pagedllm done, HF running)")
-        hf = build_hf_model(llm)
+        note = (f"HF ran the first {len(hf_reqs)} of {len(reqs)} requests (--hf-max-requests)"
+                if len(hf_reqs) < len(reqs) else f"HF ran all {len(reqs)} requests")
+        result["hf"] = {"status": "running", "num_requests": len(hf_reqs), "note": note}
+        # save what we have: the HF part is slow and may be killed by an outer time limit
+        _finish_throughput(args, result, rows, partial=True)
+        hf = hf_baseline.build_hf_model(llm)
         del llm   # the engine (and its KV pool) goes before HF runs
         _free_cuda()
         import torch
         if torch.cuda.is_available():
-            result["cuda_memory_allocated_before_hf"] = torch.cuda.memory_allocated()
-        # warm-up: a tiny generate
-        from pagedllm.bench.hf_baseline import run_hf_generate
-        run_hf_generate(hf, [workloads.BenchRequest(r.prompt_token_ids[:16], 2) for r in hf_reqs[:2]],
-                        temperature, 2)
-        hf_out = run_hf_baseline(hf, hf_reqs, temperature, batch, continuous=args.hf_continuous,
-                                 timeout_s=args.hf_timeout)
+            allocated = torch.cuda.memory_allocated()
+            result["hf"]["cuda_memory_allocated_before_hf"] = allocated
+            print(f"CUDA memory allocated after freeing the engine (HF model included): {allocated / 2**30:.2f} GiB")
+        result["hf"].update(weights="copied from the pagedllm engine's model (fused qkv/gate_up split back)",
+                            model_class=type(hf).__name__)
+        hf_baseline.run_hf_generate(hf, [workloads.BenchRequest(r.prompt_token_ids[:16], 2) for r in hf_reqs[:2]],
+                                    temperature, 2)   # warm-up
+        modes = [("generate", "hf generate", lambda: hf_baseline.run_hf_generate(hf, hf_reqs, temperature, batch))]
+        if args.hf_continuous:
+            modes.append(("continuous_batching", "hf continuous",
+                          lambda: hf_baseline.run_hf_continuous(hf, hf_reqs, temperature, args.hf_timeout)))
+        for key, label, fn in modes:
+            try:
+                entry = fn()
+                rows.append({"mode": entry["name"], **{k: v for k, v in entry.items() if k != "name"}})
+            except Exception as exc:  # noqa: BLE001 - a baseline failure must not lose the main result
+                import traceback
+                entry = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=5)}
+                rows.append({"mode": f"{label} FAILED: {entry['error'][:80]}"})
+                _free_cuda()
+            result["hf"][key] = entry
+            result["baselines"][label] = entry
+            _finish_throughput(args, result, rows, partial=True)
+        result["hf"]["status"] = "done"
         del hf
         _free_cuda()
-        note = (f"HF ran the first {len(hf_reqs)} of {len(reqs)} requests (--hf-max-requests)"
-                if len(hf_reqs) < len(reqs) else f"HF ran all {len(reqs)} requests")
-        result["hf"] = {**hf_out, "num_requests": len(hf_reqs), "note": note}
-        for key, label in (("generate", "hf generate"), ("continuous_batching", "hf continuous")):
-            entry = hf_out.get(key, {})
-            result["baselines"][label] = entry
-            if "output_tokens_per_s" in entry:
-                rows.append({"mode": entry["name"], **{k: v for k, v in entry.items() if k != "name"}})
-            elif "error" in entry:
-                rows.append({"mode": f"{label} FAILED: {entry['error'][:80]}"})
+    _finish_throughput(args, result, rows)
+
+
+def _finish_throughput(args, result: dict, rows: list[dict], partial: bool = False) -> None:
     ok = {k: v for k, v in result["baselines"].items() if v.get("output_tokens_per_s")}
     if ok:
         # the primary baseline: the fastest one that ran (the most conservative speed-up)
@@ -151,15 +189,17 @@ def cmd_throughput(args: argparse.Namespace) -> None:
         table += f"\n\nspeed-up over {k}: {result['output_tokens_per_s'] / v['output_tokens_per_s']:.2f}x"
     if "hf" in result:
         table += f"\n\n{result['hf']['note']}"
+    if partial:
+        table += "\n\n(partial result: the HF baseline is still running)"
     results.save(result, args.output, table)
-    _plot("throughput", result, args.output)
+    if not partial:
+        _plot("throughput", result, args.output)
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
     from pagedllm.bench.latency import run_latency
-    from pagedllm.bench.roofline import measure_bandwidth
+    bw = _bandwidth(args)
     llm = _engine(args)
-    bw = measure_bandwidth(llm.engine.config.device)
     lat = run_latency(llm, args.input_len, args.output_len, args.repeats, bandwidth=bw["bandwidth_bytes_per_s"])
     result = {**results.environment(), "benchmark": "latency", "workload": "latency",
               "model": llm.engine.config.model.model, "dtype": llm.engine.config.model.dtype,
@@ -176,10 +216,11 @@ def cmd_prefix(args: argparse.Namespace) -> None:
     def make(enable: bool):
         return _engine(args, enable_prefix_caching=enable)
 
-    on = run_prefix_mode(make, True, args, None)
-    off = run_prefix_mode(make, False, args, on["bandwidth_bytes_per_s"])
+    bw = _bandwidth(args)
+    on = run_prefix_mode(make, True, args, bw["bandwidth_bytes_per_s"])
+    off = run_prefix_mode(make, False, args, bw["bandwidth_bytes_per_s"])
     speedup = on["output_tokens_per_s"] / off["output_tokens_per_s"]
-    result = {**results.environment(), "benchmark": "prefix", "workload": "prefix",
+    result = {**results.environment(), "benchmark": "prefix", "workload": "prefix", **bw,
               "model": on.pop("model"), "dtype": on.pop("dtype"), "device_str": on.pop("device_str"),
               "num_prefixes": args.num_prefixes, "prefix_len": args.prefix_len, "unique_len": args.unique_len,
               "per_prefix": args.per_prefix, "output_len": args.output_len,

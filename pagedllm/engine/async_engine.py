@@ -63,6 +63,7 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.dead_error: BaseException | None = None
+        self._tokenizer = None
         self.num_steps = 0
         self.step_time = 0.0                  # seconds spent inside engine.step()
 
@@ -86,7 +87,16 @@ class AsyncLLMEngine:
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        """The event loop's own copy of the tokenizer (HF fast tokenizers must not be used from
+        two threads at once; the engine thread keeps the original for detokenisation)."""
+        if self._tokenizer is None and self.engine.tokenizer is not None:
+            import copy
+            try:
+                self._tokenizer = copy.deepcopy(self.engine.tokenizer)
+            except Exception:  # noqa: BLE001 - fall back to sharing it
+                logger.warning("could not copy the tokenizer; sharing it with the engine thread")
+                self._tokenizer = self.engine.tokenizer
+        return self._tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -148,8 +158,8 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         engine = self.engine
         last_log = time.monotonic()
-        last_snapshot = self._snapshot()
         try:
+            last_snapshot = self._snapshot() if self.stats is not None else None
             while True:
                 with self._cond:
                     while not self._commands and not self._stop and not engine.has_unfinished_requests():
@@ -229,6 +239,14 @@ class AsyncLLMEngine:
                 if self.stats is not None:
                     self.stats.record_finished(output, now)
             batch.append((stream, output))
+        failed = getattr(self.engine, "failed_requests", None)
+        while failed:
+            stream = self._streams.pop(failed.pop(), None)
+            if stream is not None:
+                batch.append((stream, RequestFailedError(
+                    f"request {stream.request_id} failed in the engine (see the server log)")))
+                if self.stats is not None:
+                    self.stats.record_aborted()
         if batch:
             loop = batch[0][0].loop
             loop.call_soon_threadsafe(_deliver, batch)

@@ -9,14 +9,18 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import Request, RequestStatus
-from pagedllm.engine.scheduler import Scheduler
+from pagedllm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.worker.model_runner import PendingStep
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.states: dict[str, RequestState] = {}
         self.stats = EngineStats()
+        self.failed_requests: set[str] = set()   # ids aborted by an output-processing error (drained by callers)
+        self._in_flight: tuple[SchedulerOutput, "PendingStep"] | None = None
         self._ids = itertools.count()
         self._token_text: dict[int, str] = {}
         self.vocab_size = config.model.hf_config.vocab_size
@@ -158,18 +164,27 @@ class LLMEngine:
         self.model_runner.release(c.request_id for c in state.children)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and issue step N, then finish step N-1, which ran on the device while step N
+        was being prepared, and return its outputs. The host's work hides behind the device's."""
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            return []
-        for item in sched_out.scheduled:
-            if item.start < item.request.num_prompt_tokens:
-                self.stats.prompt_tokens += min(item.num_new_tokens,
-                                                item.request.num_prompt_tokens - item.start)
-        model_out = self.model_runner.execute(sched_out)
+        launched = None
+        if not sched_out.is_empty:
+            for item in sched_out.scheduled:
+                if item.start < item.request.num_prompt_tokens:
+                    self.stats.prompt_tokens += min(item.num_new_tokens,
+                                                    item.request.num_prompt_tokens - item.start)
+            launched = (sched_out, self.model_runner.launch(sched_out))
+            self.scheduler.on_launched(sched_out)
+        outputs = self._complete(*self._in_flight) if self._in_flight is not None else []
+        self._in_flight = launched
+        return outputs
+
+    def _complete(self, sched_out: SchedulerOutput, pending: "PendingStep") -> list[RequestOutput]:
+        model_out = pending.result()
         advanced = self.scheduler.update_from_output(sched_out, model_out.sampled)
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
@@ -180,28 +195,45 @@ class LLMEngine:
                     position = start + offset + 1
                     state.prompt_logprobs[position] = self._logprob_dict(
                         state.prompt_token_ids[position], entry)
-        for request in advanced:
+        for request, token in advanced:
             state = self._state_of(request.request_id)
             if state is None:
                 continue
             self.stats.generation_tokens += 1
             if state.first_token_time is None:
                 state.first_token_time = now
-            self._process_token(state, request, model_out.logprobs.get(request.request_id))
+            try:
+                self._process_token(state, request, token, model_out.logprobs.get(request.request_id))
+            except Exception:  # noqa: BLE001 - e.g. a failing detokenisation: this request fails alone
+                self._fail(state)
+                touched.pop(state.request_id, None)
+                continue
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
-            output = self._make_output(state, now)
+            if state.request_id not in self.states:
+                continue
+            try:
+                output = self._make_output(state, now)
+            except Exception:  # noqa: BLE001
+                self._fail(state)
+                continue
             if output is not None:
                 outputs.append(output)
         return outputs
 
+    def _fail(self, state: RequestState) -> None:
+        """Abort one request whose output processing raised; the caller sees it vanish from
+        `states` without a finished output (the async engine reports an error for it)."""
+        logger.exception("request %s failed while processing its output; aborting it", state.request_id)
+        self.failed_requests.add(state.request_id)
+        self.abort_request(state.request_id)
+
     def _state_of(self, child_id: str) -> RequestState | None:
         return self.states.get(child_id.split("#", 1)[0])
 
-    def _process_token(self, state: RequestState, request: Request, logprob_entry) -> None:
+    def _process_token(self, state: RequestState, request: Request, token: int, logprob_entry) -> None:
         index = state.children.index(request)
-        token = request.output_token_ids[-1]
         if logprob_entry is not None and state.logprobs[index] is not None:
             state.logprobs[index].append(self._logprob_dict(token, logprob_entry))
             state.cumulative_logprob[index] += logprob_entry[0]
@@ -252,10 +284,11 @@ class LLMEngine:
         if detok is not None:
             text = detok.text
         elif child.is_finished and self.tokenizer is not None:
-            text = self.tokenizer.decode(child.output_token_ids, skip_special_tokens=state.params.skip_special_tokens)
+            text = self.tokenizer.decode(child.known_output_token_ids,
+                                         skip_special_tokens=state.params.skip_special_tokens)
         else:
             text = ""
-        tokens = child.output_token_ids
+        tokens = child.known_output_token_ids
         logprobs = state.logprobs[i]
         if kind == "delta":
             safe = detok.stream_safe_length(child.is_finished) if detok is not None else len(text)
@@ -264,7 +297,7 @@ class LLMEngine:
                 return None
             text, tokens = text[text_start:safe], tokens[token_start:]
             logprobs = logprobs[token_start:] if logprobs is not None else None
-            state.sent_text[i], state.sent_tokens[i] = max(safe, text_start), len(child.output_token_ids)
+            state.sent_text[i], state.sent_tokens[i] = max(safe, text_start), len(child.known_output_token_ids)
         else:
             tokens = list(tokens)
             logprobs = list(logprobs) if logprobs is not None else None

@@ -130,7 +130,7 @@ class KVCacheManager:
     def _update_hashes(self, request: Request) -> None:
         bs = self.block_size
         hashes = request.block_hashes
-        full_blocks = request.num_tokens // bs
+        full_blocks = request.num_known_tokens // bs
         while len(hashes) < full_blocks:
             i = len(hashes)
             hashes.append(hash_block(hashes[-1] if hashes else None, request.tokens_in(i * bs, (i + 1) * bs)))
@@ -142,7 +142,7 @@ class KVCacheManager:
         hits: list[Block] = []
         if self.enable_prefix_caching and not request.needs_prompt_logprobs:
             self._update_hashes(request)
-            max_blocks = (request.num_tokens - 1) // self.block_size
+            max_blocks = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
             for i in range(max_blocks):
                 block = self.pool.lookup(request.block_hashes[i],
                                          request.tokens_in(i * self.block_size, (i + 1) * self.block_size))
@@ -180,11 +180,18 @@ class KVCacheManager:
             self._register_full_blocks(request, blocks, total)
         return True
 
-    def _register_full_blocks(self, request: Request, blocks: list[Block], num_known_tokens: int) -> None:
-        """Publish blocks whose tokens are all known (they are written during this step)."""
+    def cache_blocks(self, request: Request) -> None:
+        """Publish the request's full, computed blocks whose tokens are now all known."""
+        blocks = self._blocks.get(request.request_id)
+        if self.enable_prefix_caching and blocks:
+            self._register_full_blocks(request, blocks, request.num_computed_tokens)
+
+    def _register_full_blocks(self, request: Request, blocks: list[Block], num_computed: int) -> None:
+        """Publish full blocks up to num_computed whose token values are known (their K/V is
+        written by a step already issued to the device, ahead of any later reader)."""
         self._update_hashes(request)
         start = self._num_registered.get(request.request_id, 0)
-        end = min(num_known_tokens // self.block_size, len(request.block_hashes))
+        end = min(num_computed // self.block_size, len(request.block_hashes), len(blocks))
         bs = self.block_size
         for i in range(start, end):
             self.pool.register(blocks[i], request.block_hashes[i], request.tokens_in(i * bs, (i + 1) * bs))

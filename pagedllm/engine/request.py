@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pagedllm.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1   # a sampled token whose value has not reached the host yet
+
+
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -61,6 +64,17 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def known_output_token_ids(self) -> list[int]:
+        out = self.output_token_ids
+        return out[:-1] if out and out[-1] == PLACEHOLDER else out
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values are on the host (all but a trailing placeholder)."""
+        pending = 1 if self.output_token_ids and self.output_token_ids[-1] == PLACEHOLDER else 0
+        return self.num_tokens - pending
 
     @property
     def is_finished(self) -> bool:

@@ -6,6 +6,11 @@ cached prefix blocks. A prompt larger than the remaining budget is split into ch
 can mix prefill chunks with decodes. When the pool runs dry, the most recently admitted request is
 preempted: its blocks are released and it is recomputed later (its full blocks usually survive in
 the prefix cache, so the recompute is cheap). The scheduler never touches tensors.
+
+Steps are pipelined: step N+1 is scheduled while step N runs on the device. A token sampled by
+step N is a PLACEHOLDER in the request until its value arrives (the model runner feeds it to step
+N+1 straight from device memory); stops that depend on the value (EOS, stop ids, stop strings) are
+applied when it arrives, so a stopping request may compute one token that is never delivered.
 """
 
 from collections import deque
@@ -13,23 +18,20 @@ from dataclasses import dataclass, field
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.engine.kv_cache import KVCacheManager
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.request import PLACEHOLDER, Request, RequestStatus
 
 
 @dataclass
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    start: int = 0                # position of the first token computed this step
+    samples: bool = False         # this step reaches the last token, so the next one is sampled
+    output_index: int = -1        # where the sampled token goes in output_token_ids (set at launch)
 
-    @property
-    def start(self) -> int:
-        """Position of the first token computed this step."""
-        return self.request.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the known tokens, so the next one is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.start = self.request.num_computed_tokens
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -77,6 +79,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.num_output_tokens >= request.max_tokens:
+                index += 1   # its last token is still in flight; it finishes when that lands
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, "a running request always has a token to compute"
             while not self.kv_cache.allocate_slots(request, num_new):
@@ -119,35 +124,44 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance progress, append sampled tokens, finish requests that hit a token-level stop.
-        Returns the requests that got a new token this step."""
+    def on_launched(self, out: SchedulerOutput) -> None:
+        """The step is running on the device: count its tokens as computed and reserve a
+        placeholder for each token it samples, so the next step can be scheduled (with the
+        placeholder as input) before the sampled values reach the host."""
+        for item in out.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                request.output_token_ids.append(PLACEHOLDER)
+                item.output_index = len(request.output_token_ids) - 1
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[tuple[Request, int]]:
+        """Fill in the step's sampled tokens and finish requests that hit a token-level stop.
+        Returns (request, token) for every request that got a new token."""
         advanced = []
         for item in out.scheduled:
             request = item.request
-            if request.is_finished:
-                continue  # aborted while the step ran
-            samples = item.samples
-            request.num_computed_tokens += item.num_new_tokens
-            if not samples:
-                continue
+            if not item.samples or request.is_finished:
+                continue  # a prefill chunk, or finished/aborted while the step ran
             token = sampled[request.request_id]
-            request.output_token_ids.append(token)
-            advanced.append(request)
-            status = self._token_stop(request, token)
+            request.output_token_ids[item.output_index] = token
+            self.kv_cache.cache_blocks(request)
+            advanced.append((request, token))
+            status = self._token_stop(request, token, item.output_index + 1)
             if status is not None:
                 self.finish_request(request.request_id, status)
         return advanced
 
-    def _token_stop(self, request: Request, token: int) -> RequestStatus | None:
+    def _token_stop(self, request: Request, token: int, num_outputs: int) -> RequestStatus | None:
+        """Stops decided by the token's value, for the request's num_outputs-th output token."""
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        if num_outputs >= params.min_tokens:
             if token in params.stop_token_ids:
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
             if not params.ignore_eos and token in self.config.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens:
+        if num_outputs >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -162,4 +176,6 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv_cache.free(request)
         request.status = status
+        while request.output_token_ids and request.output_token_ids[-1] == PLACEHOLDER:
+            request.output_token_ids.pop()   # a token sampled after the stop: never delivered
         return request

@@ -9,6 +9,9 @@ import functools
 
 import torch
 
+# One compiled function serves every layer, dtype and tensor rank it meets; allow the variants.
+torch._dynamo.config.recompile_limit = 64
+
 
 def fused_on_gpu(fn):
     compiled = None

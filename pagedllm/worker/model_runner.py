@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.request import PLACEHOLDER
 from pagedllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedllm.layers.attention import AttentionMetadata, select_backend
 from pagedllm.models import loader
@@ -45,6 +46,11 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start a device-to-host copy (into pinned memory on CUDA) without waiting for it."""
+    return t.to("cpu", non_blocking=True) if t.is_cuda else t
+
+
 def _block_table_array(tables: list[list[int]]) -> np.ndarray:
     """Per-request block id lists as one zero-padded int32 array."""
     out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
@@ -62,6 +68,34 @@ class _Batch:
     seq_lens: list[int]
     block_tables: list[list[int]]
     logits_indices: list[int]
+    # input positions holding a PLACEHOLDER, and the previous step's sample row that fills each
+    pending_at: list[int] = field(default_factory=list)
+    pending_rows: list[int] = field(default_factory=list)
+
+
+class PendingStep:
+    """A step issued to the device; result() waits for it and returns plain Python values."""
+
+    def __init__(self, request_ids: list[str], tokens, logprobs, prompt_logprobs: dict, event) -> None:
+        self.request_ids = request_ids
+        self.tokens = tokens            # host tensor (pinned on CUDA), filled asynchronously
+        self.logprobs = logprobs        # None or (request ids, host tensors) likewise
+        self.prompt_logprobs = prompt_logprobs
+        self.event = event
+
+    def result(self) -> ModelOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        out = ModelOutput(prompt_logprobs=self.prompt_logprobs)
+        if self.tokens is not None:
+            out.sampled = dict(zip(self.request_ids, self.tokens.tolist()))
+        if self.logprobs is not None:
+            wanted, tensors = self.logprobs
+            chosen, ranks, top_ids, top_values = (t.tolist() for t in tensors)
+            for i, (request_id, n) in enumerate(zip(self.request_ids, wanted)):
+                if n is not None:
+                    out.logprobs[request_id] = (chosen[i], ranks[i], top_ids[i][:n], top_values[i][:n])
+        return out
 
 
 class ModelRunner:
@@ -77,6 +111,8 @@ class ModelRunner:
         self.model = self._load_model(source)
         self.sampler = Sampler(self.hf_config.vocab_size, config.scheduler.eos_token_ids)
         self.generators: dict[str, torch.Generator] = {}
+        self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._prev_rows: dict[str, int] = {}
         self.num_blocks = self._size_pool()
         self.capacity = memory.log_capacity(config.model, config.cache, self.num_blocks)
         self._allocate_pool()
@@ -165,6 +201,9 @@ class ModelRunner:
             end = start + n
             blocks = request.block_ids
             b.input_ids.extend(request.tokens_in(start, end))
+            if b.input_ids[-1] == PLACEHOLDER:   # sampled by the step still in flight
+                b.pending_at.append(len(b.input_ids) - 1)
+                b.pending_rows.append(self._prev_rows[request.request_id])
             if n == 1:
                 b.positions.append(start)
                 b.slot_mapping.append(blocks[start // bs] * bs + start % bs)
@@ -191,25 +230,45 @@ class ModelRunner:
             max_seq_len=max(b.seq_lens),
         )
         input_ids = torch.tensor(b.input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        self._fill_pending(input_ids, b)
         positions = torch.tensor(b.positions, dtype=torch.int64).to(dev, non_blocking=True)
         return input_ids, positions, md
 
-    @torch.inference_mode()
+    def _fill_pending(self, input_ids: torch.Tensor, b: _Batch) -> None:
+        """Placeholders take the previous step's sampled tokens, device to device."""
+        if b.pending_at:
+            at = torch.tensor(b.pending_at, dtype=torch.int64).to(self.device, non_blocking=True)
+            rows = torch.tensor(b.pending_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            input_ids[at] = self._prev_tokens[rows]
+
     def execute(self, out: SchedulerOutput) -> ModelOutput:
+        """Run one step and wait for it."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> PendingStep:
+        """Issue one step to the device without waiting for it: sampled tokens stay on the device
+        for the next step's inputs and are copied to the host in the background."""
         batch = self._prepare(out.scheduled)
         hidden = self._forward(batch)
-        result = ModelOutput()
         sampling = [item for item in out.scheduled if item.samples]
+        request_ids = [item.request.request_id for item in sampling]
+        tokens = logprobs = None
         if sampling:
             logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_indices, device=self.device)])
             rows = [self._sampling_row(item) for item in sampling]
-            sample = self.sampler(logits, rows)
-            for item, token, lp in zip(sampling, sample.token_ids, sample.logprobs):
-                result.sampled[item.request.request_id] = token
-                if lp is not None:
-                    result.logprobs[item.request.request_id] = lp
-        self._prompt_logprobs(out.scheduled, batch, hidden, result)
-        return result
+            sample = self.sampler(logits, rows, self._prev_tokens)
+            self._prev_tokens = sample.token_ids
+            self._prev_rows = {request_id: i for i, request_id in enumerate(request_ids)}
+            tokens = _to_host(sample.token_ids)
+            if sample.logprobs is not None:
+                logprobs = ([r.params.logprobs for r in rows], [_to_host(t) for t in sample.logprobs])
+        prompt = self._prompt_logprobs(out.scheduled, batch, hidden)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return PendingStep(request_ids, tokens, logprobs, prompt, event)
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         num_seqs = len(batch.seq_lens)
@@ -227,9 +286,13 @@ class ModelRunner:
             if generator is None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed)
                 self.generators[request.request_id] = generator
-        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator)
+        pending = None
+        if request.output_token_ids and request.output_token_ids[-1] == PLACEHOLDER:
+            pending = self._prev_rows[request.request_id]
+        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator, pending)
 
-    def _prompt_logprobs(self, scheduled, batch: _Batch, hidden: torch.Tensor, result: ModelOutput) -> None:
+    def _prompt_logprobs(self, scheduled, batch: _Batch, hidden: torch.Tensor) -> dict:
+        result = {}
         for i, item in enumerate(scheduled):
             request = item.request
             if not request.needs_prompt_logprobs:
@@ -241,8 +304,9 @@ class ModelRunner:
             offset = batch.cu_seqlens_q[i]
             logits = self.model.compute_logits(hidden[offset:offset + end - start])
             next_tokens = torch.tensor(request.prompt_token_ids[start + 1:end + 1], device=self.device)
-            result.prompt_logprobs[request.request_id] = (
+            result[request.request_id] = (
                 start, prompt_logprobs(logits, next_tokens, request.sampling_params.prompt_logprobs))
+        return result
 
     # ---- CUDA graphs ------------------------------------------------------------------------
     def _capture_graphs(self) -> None:
@@ -287,6 +351,7 @@ class ModelRunner:
                             dtype=torch.int64)
         ids, pos, slots, lens = host.to(self.device, non_blocking=True).split(num_seqs)
         s["input_ids"][:num_seqs].copy_(ids)
+        self._fill_pending(s["input_ids"], batch)
         s["positions"][:num_seqs].copy_(pos)
         s["slot_mapping"][:num_seqs].copy_(slots)
         s["slot_mapping"][num_seqs:size].fill_(-1)

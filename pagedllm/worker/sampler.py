@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.engine.request import PLACEHOLDER
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -21,13 +22,15 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None
+    pending_row: int | None = None   # row of prev_tokens holding this row's PLACEHOLDER value
 
 
 @dataclass
 class SampleResult:
-    token_ids: list[int]
-    # per row: None, or (sampled logprob, sampled rank, top ids, top logprobs)
-    logprobs: list[tuple[float, int, list[int], list[float]] | None]
+    """Device tensors: nothing here forces the host to wait for the step."""
+    token_ids: torch.Tensor                         # [R] int64
+    # (sampled logprob [R], its rank [R], top ids [R, K], top logprobs [R, K]); K = largest request
+    logprobs: tuple[torch.Tensor, ...] | None
 
 
 class Sampler:
@@ -35,18 +38,20 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], prev_tokens: torch.Tensor) -> SampleResult:
+        """prev_tokens: the previous step's samples, which fill the PLACEHOLDER that a row's
+        output_token_ids may end with (its value is not on the host yet)."""
         logits = logits.float()
         raw = logits
-        want_logprobs = [r.params.logprobs is not None for r in rows]
         logits = self._apply_logit_bias(logits, rows)
         logits = self._apply_min_tokens(logits, rows)
-        logits = self._apply_penalties(logits, rows)
+        logits = self._apply_penalties(logits, rows, prev_tokens)
         tokens = self._sample(logits, rows)
-        logprobs: list = [None] * len(rows)
-        if any(want_logprobs):
-            logprobs = self._logprobs(raw, tokens, rows)
-        return SampleResult(tokens.tolist(), logprobs)
+        logprobs = None
+        k = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
+        if k is not None:
+            logprobs = token_logprobs(raw, tokens, k)
+        return SampleResult(tokens, logprobs)
 
     def _apply_logit_bias(self, logits, rows):
         entries = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]
@@ -68,7 +73,7 @@ class Sampler:
         logits[index[:, 0], index[:, 1]] = float("-inf")
         return logits
 
-    def _apply_penalties(self, logits, rows):
+    def _apply_penalties(self, logits, rows, prev_tokens):
         if not any(r.params.has_penalties for r in rows):
             return logits
         device = logits.device
@@ -76,9 +81,12 @@ class Sampler:
         output_counts = torch.zeros(batch, vocab, device=device)
         seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
         for i, r in enumerate(rows):
-            if r.output_token_ids:
-                out = torch.tensor(r.output_token_ids, device=device)
+            known = [t for t in r.output_token_ids if t != PLACEHOLDER]
+            if known:
+                out = torch.tensor(known, device=device)
                 output_counts[i].index_add_(0, out, torch.ones(len(out), device=device))
+            if r.pending_row is not None:
+                output_counts[i, prev_tokens[r.pending_row]] += 1
             if r.params.repetition_penalty != 1.0 and r.prompt_token_ids:
                 seen[i, torch.tensor(r.prompt_token_ids, device=device)] = True
         seen |= output_counts > 0
@@ -129,35 +137,20 @@ class Sampler:
             logits = logits.masked_fill(probs < threshold, float("-inf"))
         return logits
 
-    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]):
-        logprobs = torch.log_softmax(raw, dim=-1)
-        k = max(r.params.logprobs or 0 for r in rows)
-        chosen = logprobs.gather(1, tokens.unsqueeze(1))
-        ranks = (logprobs > chosen).sum(dim=-1) + 1
-        top_values, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (None, None)
-        chosen, ranks = chosen.squeeze(1).tolist(), ranks.tolist()
-        top_values = top_values.tolist() if k > 0 else None
-        top_ids = top_ids.tolist() if k > 0 else None
-        out = []
-        for i, r in enumerate(rows):
-            n = r.params.logprobs
-            if n is None:
-                out.append(None)
-                continue
-            out.append((chosen[i], ranks[i], top_ids[i][:n] if n else [], top_values[i][:n] if n else []))
-        return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> tuple[torch.Tensor, ...]:
+    """Raw-distribution logprob and rank of `tokens` [R] under `logits` [R, V], and the top
+    num_top ids and logprobs, as device tensors."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)
+    return chosen.squeeze(1), ranks, top_ids, top_values
 
 
 def prompt_logprobs(logits: torch.Tensor, next_tokens: torch.Tensor, num_top: int):
     """For positions with logits [P, V] and the actual next tokens [P]: (token logprob, rank, top ids,
     top logprobs) per position, as plain lists."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, next_tokens.unsqueeze(1))
-    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-    chosen = chosen.squeeze(1).tolist()
-    if num_top > 0:
-        values, ids = logprobs.topk(num_top, dim=-1)
-        values, ids = values.tolist(), ids.tolist()
-    else:
-        values = ids = [[] for _ in chosen]
+    chosen, ranks, ids, values = (t.tolist() for t in token_logprobs(logits, next_tokens, num_top))
     return [(chosen[i], ranks[i], ids[i], values[i]) for i in range(len(chosen))]

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite (H100, Qwen3-0.6B bf16 with dummy weights: no checkpoint, no network).
+#   usage: bash pagedllm/bench/gpu_suite.sh OUT_DIR        (run from the repository root)
+# Writes OUT_DIR/{latency,prefix,throughput-nano}.{json,md,png} and one log per step. Each step has its
+# own time limit and a failing step does not stop the others; total worst case ~8.5 min (500 s of step limits + kill grace), normally ~6-7.
+# The throughput step saves its pagedllm result before the (slow) HF baseline starts, so a timeout
+# there still leaves the main figure. HF `generate` runs only the first 128 nano requests (one padded
+# batch of 128; --hf-max-requests, recorded in the JSON) and HF continuous batching gets 100 s.
+# prefix uses --gpu-memory-utilization 0.45 (its KV need is ~13 GB) so the on and off engines never compete.
+# PNGs need matplotlib; without it, re-draw later with: python3 -m pagedllm.bench.plots OUT_DIR/*.json
+set -u
+OUT=${1:?usage: gpu_suite.sh OUT_DIR}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false
+MODEL=Qwen/Qwen3-0.6B
+ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 4096)
+CLI=("$PY" -m pagedllm.entrypoints.cli bench)
+
+{
+  date; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+  nvidia-smi 2>&1 | head -20
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('transformers', transformers.__version__)
+try:
+    import triton; print('triton', triton.__version__)
+except ImportError: print('no triton')
+try:
+    import matplotlib; print('matplotlib', matplotlib.__version__)
+except ImportError: print('no matplotlib: no PNGs')"
+} > "$OUT/environment.log" 2>&1
+
+status=0
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/suite.log"
+  local t0=$SECONDS
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/suite.log"
+  tail -n 25 "$OUT/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+
+step latency 90 "${CLI[@]}" latency "$MODEL" "${ENGINE[@]}" --input-len 512 --output-len 256 --repeats 5 \
+  --output "$OUT/latency"
+step prefix 110 "${CLI[@]}" prefix "$MODEL" "${ENGINE[@]}" --gpu-memory-utilization 0.45 --num-prefixes 10 --prefix-len 768 --unique-len 256 \
+  --per-prefix 10 --output-len 128 --output "$OUT/prefix"
+step throughput-nano 300 "${CLI[@]}" throughput "$MODEL" "${ENGINE[@]}" --workload nano --num-prompts 256 \
+  --baseline hf --hf-batch-size 128 --hf-max-requests 128 --hf-timeout 100 --output "$OUT/throughput-nano"
+
+ls -la "$OUT" | tee -a "$OUT/suite.log"
+exit $status

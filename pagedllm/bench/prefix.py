@@ -1,0 +1,49 @@
+"""`pagedllm bench prefix`: the shared-prefix workload with prefix caching on, then off, in one process.
+
+DESIGN.md's workload: 10 system prompts of 768 tokens, each followed by 256 unique tokens (75% of
+prompt tokens cacheable), 128 output tokens, ignore_eos, greedy. Two LLM instances are built one after
+the other (enable_prefix_caching is a constructor flag); the first is deleted (and the CUDA cache
+emptied) before the second is built. The hit rate is the engine's prefix_cache_hits / queries
+(prompt tokens) counted during the timed run only.
+"""
+
+import gc
+
+import torch
+
+from pagedllm.bench import workloads
+from pagedllm.bench.roofline import measure_bandwidth
+from pagedllm.bench.throughput import run_llm, run_llm_roofline
+
+
+def run_prefix_mode(make_llm, enable: bool, args, bandwidth: float | None) -> dict:
+    llm = make_llm(enable)
+    try:
+        vocab = llm.engine.vocab_size
+        reqs = workloads.prefix_requests(vocab, num_prefixes=args.num_prefixes, prefix_len=args.prefix_len,
+                                         unique_len=args.unique_len, per_prefix=args.per_prefix,
+                                         output_len=args.output_len, seed=args.seed_workload)
+        # warm-up on unrelated tokens (a different seed), then forget them
+        warm = workloads.random_requests(2, min(64, args.prefix_len + args.unique_len), 4, vocab, seed=12345)
+        run_llm(llm, warm, 0.0)
+        reset = getattr(llm.engine.kv_cache, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()
+        if bandwidth is None:
+            bandwidth = measure_bandwidth(llm.engine.config.device)["bandwidth_bytes_per_s"]
+        kv = llm.engine.kv_cache
+        hits0, queries0 = kv.prefix_cache_hits, kv.prefix_cache_queries
+        row = run_llm_roofline(llm, reqs, 0.0, bandwidth)
+        hits, queries = kv.prefix_cache_hits - hits0, kv.prefix_cache_queries - queries0
+        row.update({"prefix_caching": enable, "prefix_cache_hits": hits, "prefix_cache_queries": queries,
+                    "hit_rate": hits / queries if queries else 0.0,
+                    "cacheable_fraction": args.prefix_len / (args.prefix_len + args.unique_len)})
+        row["model"] = llm.engine.config.model.model
+        row["dtype"] = llm.engine.config.model.dtype
+        row["device_str"] = llm.engine.config.device
+        return row
+    finally:
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
