@@ -56,13 +56,14 @@ def test_float32_greedy_matches_hf(qwen3_checkpoint):
     free_gpu()
 
 
-def test_bf16_cuda_graphs_match_eager():
+def test_bf16_cuda_graphs_match_eager(qwen3_checkpoint):
+    path, _ = qwen3_checkpoint
     prompts = random_prompts(8, 151936, 10, 500, seed=2)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     outputs = {}
     for eager in (True, False):
-        llm = LLM("Qwen/Qwen3-0.6B", load_format="dummy", dtype="bfloat16", max_model_len=1024,
-                  gpu_memory_utilization=0.3, enforce_eager=eager, max_num_seqs=32)
+        llm = LLM(path, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3,
+                  enforce_eager=eager, max_num_seqs=32)
         assert bool(llm.engine.model_runner.graphs) != eager
         outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         del llm

@@ -21,6 +21,7 @@ from pagedllm.models import loader
 from pagedllm.models.registry import model_class
 from pagedllm.worker import memory
 from pagedllm.worker.sampler import Sampler, SamplingRow, prompt_logprobs
+from pagedllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class ModelRunner:
                        block_tables=[[0] * max_blocks for _ in lens], logits_indices=[c - 1 for c in cu[1:]])
         with torch.inference_mode():
             hidden = self.model(*self._tensors(batch))
-            logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_indices, device=self.device)])
+            logits = self.model.compute_logits(hidden[to_device(batch.logits_indices, torch.int64, self.device)])
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)
         del hidden, logits
 
@@ -220,25 +221,24 @@ class ModelRunner:
 
     def _tensors(self, b: _Batch):
         dev = self.device
-        tables = torch.from_numpy(_block_table_array(b.block_tables))
         md = AttentionMetadata(
-            slot_mapping=torch.tensor(b.slot_mapping, dtype=torch.int64).to(dev, non_blocking=True),
-            cu_seqlens_q=torch.tensor(b.cu_seqlens_q, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(b.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=tables.to(dev, non_blocking=True),
+            slot_mapping=to_device(b.slot_mapping, torch.int64, dev),
+            cu_seqlens_q=to_device(b.cu_seqlens_q, torch.int32, dev),
+            seq_lens=to_device(b.seq_lens, torch.int32, dev),
+            block_tables=to_device(_block_table_array(b.block_tables), torch.int32, dev),
             max_query_len=max(b.cu_seqlens_q[i + 1] - b.cu_seqlens_q[i] for i in range(len(b.seq_lens))),
             max_seq_len=max(b.seq_lens),
         )
-        input_ids = torch.tensor(b.input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        input_ids = to_device(b.input_ids, torch.int64, dev)
         self._fill_pending(input_ids, b)
-        positions = torch.tensor(b.positions, dtype=torch.int64).to(dev, non_blocking=True)
+        positions = to_device(b.positions, torch.int64, dev)
         return input_ids, positions, md
 
     def _fill_pending(self, input_ids: torch.Tensor, b: _Batch) -> None:
         """Placeholders take the previous step's sampled tokens, device to device."""
         if b.pending_at:
-            at = torch.tensor(b.pending_at, dtype=torch.int64).to(self.device, non_blocking=True)
-            rows = torch.tensor(b.pending_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            at = to_device(b.pending_at, torch.int64, self.device)
+            rows = to_device(b.pending_rows, torch.int64, self.device)
             input_ids[at] = self._prev_tokens[rows]
 
     def execute(self, out: SchedulerOutput) -> ModelOutput:
@@ -255,7 +255,7 @@ class ModelRunner:
         request_ids = [item.request.request_id for item in sampling]
         tokens = logprobs = None
         if sampling:
-            logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_indices, device=self.device)])
+            logits = self.model.compute_logits(hidden[to_device(batch.logits_indices, torch.int64, self.device)])
             rows = [self._sampling_row(item) for item in sampling]
             sample = self.sampler(logits, rows, self._prev_tokens)
             self._prev_tokens = sample.token_ids
@@ -303,7 +303,7 @@ class ModelRunner:
                 continue
             offset = batch.cu_seqlens_q[i]
             logits = self.model.compute_logits(hidden[offset:offset + end - start])
-            next_tokens = torch.tensor(request.prompt_token_ids[start + 1:end + 1], device=self.device)
+            next_tokens = to_device(request.prompt_token_ids[start + 1:end + 1], torch.int64, self.device)
             result[request.request_id] = (
                 start, prompt_logprobs(logits, next_tokens, request.sampling_params.prompt_logprobs))
         return result
@@ -346,10 +346,9 @@ class ModelRunner:
         num_seqs = len(batch.seq_lens)
         size = next(s for s in sorted(self.graphs) if s >= num_seqs)
         s = self.static
-        tables = torch.from_numpy(_block_table_array(batch.block_tables))
-        host = torch.tensor(batch.input_ids + batch.positions + batch.slot_mapping + batch.seq_lens,
-                            dtype=torch.int64)
-        ids, pos, slots, lens = host.to(self.device, non_blocking=True).split(num_seqs)
+        tables = to_device(_block_table_array(batch.block_tables), torch.int32, self.device)
+        packed = batch.input_ids + batch.positions + batch.slot_mapping + batch.seq_lens
+        ids, pos, slots, lens = to_device(packed, torch.int64, self.device).split(num_seqs)
         s["input_ids"][:num_seqs].copy_(ids)
         self._fill_pending(s["input_ids"], batch)
         s["positions"][:num_seqs].copy_(pos)
@@ -357,6 +356,6 @@ class ModelRunner:
         s["slot_mapping"][num_seqs:size].fill_(-1)
         s["seq_lens"][:num_seqs].copy_(lens)
         s["seq_lens"][num_seqs:size].fill_(0)
-        s["block_tables"][:num_seqs, :tables.shape[1]].copy_(tables, non_blocking=True)
+        s["block_tables"][:num_seqs, :tables.shape[1]].copy_(tables)
         self.graphs[size].replay()
         return self.static_hidden[:num_seqs]

@@ -13,6 +13,7 @@ import torch
 
 from pagedllm.engine.request import PLACEHOLDER
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.transfer import to_device
 
 
 @dataclass
@@ -58,8 +59,8 @@ class Sampler:
         if not entries:
             return logits
         logits = logits.clone()
-        index = torch.tensor([[i, t] for i, t, _ in entries], device=logits.device)
-        bias = torch.tensor([b for _, _, b in entries], device=logits.device, dtype=logits.dtype)
+        index = to_device([[i, t] for i, t, _ in entries], torch.int64, logits.device)
+        bias = to_device([b for _, _, b in entries], logits.dtype, logits.device)
         logits.index_put_((index[:, 0], index[:, 1]), bias, accumulate=True)
         return logits
 
@@ -69,7 +70,7 @@ class Sampler:
         if not masked:
             return logits
         logits = logits.clone()
-        index = torch.tensor(masked, device=logits.device)
+        index = to_device(masked, torch.int64, logits.device)
         logits[index[:, 0], index[:, 1]] = float("-inf")
         return logits
 
@@ -83,16 +84,16 @@ class Sampler:
         for i, r in enumerate(rows):
             known = [t for t in r.output_token_ids if t != PLACEHOLDER]
             if known:
-                out = torch.tensor(known, device=device)
+                out = to_device(known, torch.int64, device)
                 output_counts[i].index_add_(0, out, torch.ones(len(out), device=device))
             if r.pending_row is not None:
                 output_counts[i, prev_tokens[r.pending_row]] += 1
             if r.params.repetition_penalty != 1.0 and r.prompt_token_ids:
-                seen[i, torch.tensor(r.prompt_token_ids, device=device)] = True
+                seen[i, to_device(r.prompt_token_ids, torch.int64, device)] = True
         seen |= output_counts > 0
-        rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device).unsqueeze(1)
-        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device).unsqueeze(1)
-        pres = torch.tensor([r.params.presence_penalty for r in rows], device=device).unsqueeze(1)
+        rep = to_device([r.params.repetition_penalty for r in rows], torch.float32, device).unsqueeze(1)
+        freq = to_device([r.params.frequency_penalty for r in rows], torch.float32, device).unsqueeze(1)
+        pres = to_device([r.params.presence_penalty for r in rows], torch.float32, device).unsqueeze(1)
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
         return logits - freq * output_counts - pres * (output_counts > 0).float()
@@ -101,9 +102,9 @@ class Sampler:
         argmax = logits.argmax(dim=-1)
         if all(r.params.greedy for r in rows):
             return argmax
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-        temperature = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
-                                   device=logits.device).unsqueeze(1)
+        greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
+        temperature = to_device([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
+                                torch.float32, logits.device).unsqueeze(1)
         scaled = logits / temperature
         scaled = self._truncate(scaled, rows)
         probs = torch.softmax(scaled, dim=-1)
@@ -123,17 +124,17 @@ class Sampler:
         min_p = [r.params.min_p for r in rows]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             sorted_logits, order = logits.sort(dim=-1, descending=True)
-            k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device).unsqueeze(1)
+            k = to_device([k if 0 < k < vocab else vocab for k in top_k], torch.int64, device).unsqueeze(1)
             positions = torch.arange(vocab, device=device).unsqueeze(0)
             drop = positions >= k
             sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
             before = sorted_probs.cumsum(dim=-1) - sorted_probs   # mass of strictly better tokens
-            drop |= before >= torch.tensor(top_p, device=device).unsqueeze(1)
+            drop |= before >= to_device(top_p, torch.float32, device).unsqueeze(1)
             logits = torch.full_like(logits, float("-inf")).scatter(
                 1, order, sorted_logits.masked_fill(drop, float("-inf")))
         if any(p > 0.0 for p in min_p):
             probs = torch.softmax(logits, dim=-1)
-            threshold = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=device).unsqueeze(1)
+            threshold = probs.max(dim=-1, keepdim=True).values * to_device(min_p, torch.float32, device).unsqueeze(1)
             logits = logits.masked_fill(probs < threshold, float("-inf"))
         return logits
 
