@@ -57,15 +57,25 @@ def test_float32_greedy_matches_hf(qwen3_checkpoint):
 
 
 def test_bf16_cuda_graphs_match_eager(qwen3_checkpoint):
+    """Identical greedy tokens, except where the eager run itself had a near-tie: bf16 matrix
+    products may pick other algorithms inside a graph capture, moving logits by bf16 rounding."""
     path, _ = qwen3_checkpoint
     prompts = random_prompts(8, 151936, 10, 500, seed=2)
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
     outputs = {}
     for eager in (True, False):
         llm = LLM(path, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3,
                   enforce_eager=eager, max_num_seqs=32)
         assert bool(llm.engine.model_runner.graphs) != eager
-        outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        outputs[eager] = [o.outputs[0] for o in llm.generate(prompts, params)]
         del llm
         free_gpu()
-    assert outputs[True] == outputs[False]
+    equal = 0
+    for ref, got in zip(outputs[True], outputs[False]):
+        k = next((i for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)) if a != b), len(ref.token_ids))
+        equal += k
+        if k < len(ref.token_ids):
+            top2 = sorted((lp.logprob for lp in ref.logprobs[k].values()), reverse=True)[:2]
+            assert top2[0] - top2[1] < 0.05, f"diverged at token {k} without a near-tie: {top2}"
+    print(f"bf16 graph vs eager: {equal} of {32 * len(prompts)} tokens identical before any divergence")
+    assert equal >= 0.75 * 32 * len(prompts)

@@ -4,8 +4,9 @@ The LLMEngine is single-threaded: only the engine thread ever touches it. The ev
 it through a command queue (add / abort), drained at the top of every loop iteration, and receives
 outputs through per-request asyncio queues, fed with one `loop.call_soon_threadsafe` per step. So
 the event loop never waits for a model step, and HTTP work never sits between two engine steps
-(other than through the GIL: torch releases it during the forward pass; see the closing note of
-issue 3 for the measurement that chose a thread over a process).
+(other than through the GIL: torch releases it during the forward pass, and SWITCH_INTERVAL below
+bounds how long the engine waits to get it back; see the closing note of issue 3 for the
+measurement that chose a thread over a process).
 
 If `step()` raises, the loop is marked dead: every pending request gets the error, new requests
 are refused, and `is_healthy` turns False (the server's /health answers 503).
@@ -15,6 +16,7 @@ This module imports neither fastapi nor prometheus_client: the stats sink is duc
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -25,6 +27,12 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# The GIL hand-over interval for the whole process (Python's default is 5 ms). The engine thread
+# releases the GIL inside every torch op and must win it back quickly from a busy event loop: with a
+# saturated event loop on a 2-core CPU, 0.5 ms took the engine from 1.2-2.0 to 2.7-3.4 steps/s
+# (a separate engine process: 3.2-4.1; idle: 6.4-7.0). See the issue 3 closing note.
+SWITCH_INTERVAL = 0.0005
 
 
 class EngineDeadError(RuntimeError):
@@ -53,8 +61,10 @@ class _Stream:
 class AsyncLLMEngine:
     """Runs `engine.step()` in a background thread while there is work; asyncio-facing API."""
 
-    def __init__(self, engine, stats=None, log_interval: float = 5.0) -> None:
+    def __init__(self, engine, stats=None, log_interval: float = 5.0,
+                 switch_interval: float | None = SWITCH_INTERVAL) -> None:
         self.engine = engine
+        self.switch_interval = switch_interval
         self.stats = stats                    # optional sink: metrics.EngineMetrics (duck-typed)
         self.log_interval = log_interval
         self._cond = threading.Condition()
@@ -70,6 +80,8 @@ class AsyncLLMEngine:
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            if self.switch_interval is not None:
+                sys.setswitchinterval(self.switch_interval)
             self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
             self._thread.start()
 
@@ -166,6 +178,9 @@ class AsyncLLMEngine:
                         if self.stats is not None:
                             self.stats.update_gauges(engine)
                         self._cond.wait()
+                        # the log line's rates cover busy time only
+                        last_log = time.monotonic()
+                        last_snapshot = self._snapshot() if self.stats is not None else None
                     if self._stop:
                         return
                     commands = list(self._commands)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pagedllm.engine.request import Request
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
@@ -183,7 +183,8 @@ class KVCacheManager:
     def cache_blocks(self, request: Request) -> None:
         """Publish the request's full, computed blocks whose tokens are now all known."""
         blocks = self._blocks.get(request.request_id)
-        if self.enable_prefix_caching and blocks:
+        if (self.enable_prefix_caching and blocks and request.num_computed_tokens // self.block_size
+                > self._num_registered.get(request.request_id, 0)):
             self._register_full_blocks(request, blocks, request.num_computed_tokens)
 
     def _register_full_blocks(self, request: Request, blocks: list[Block], num_computed: int) -> None:

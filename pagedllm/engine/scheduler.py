@@ -21,7 +21,7 @@ from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import PLACEHOLDER, Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
