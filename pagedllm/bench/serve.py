@@ -142,7 +142,10 @@ COLUMNS = ["run", "completed", "failed", "duration_s", "request_throughput", "ou
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
     from pagedllm.bench import results as res
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if args.model is None:
         try:
             headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

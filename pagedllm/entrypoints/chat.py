@@ -57,4 +57,7 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = True,
     except Exception as exc:  # noqa: BLE001 - jinja errors, sandbox violations: the request's fault
         raise ValueError(f"messages could not be rendered with the chat template: {exc}") from exc
     # The template already holds the special tokens (BOS etc.); do not add them twice.
-    return tokenizer(text, add_special_tokens=False).input_ids
+    try:
+        return tokenizer(text, add_special_tokens=False).input_ids
+    except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the messages
+        raise ValueError(f"messages could not be tokenized: {exc}") from exc

@@ -32,7 +32,7 @@ class SamplingFields(OpenAIBase):
     top_k: int | None = None
     min_p: float | None = None
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)   # torch generators take a 64-bit seed
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     presence_penalty: float | None = 0.0

@@ -268,7 +268,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
 def _tokenize(engine: AsyncLLMEngine, text: str, add_special_tokens: bool = True) -> list[int]:
     if engine.tokenizer is None:
         raise ValueError("prompt must be token ids: this model has no tokenizer")
-    return engine.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+    try:
+        return engine.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+    except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates: the input's fault
+        raise ValueError(f"prompt could not be tokenized: {exc}") from exc
 
 
 def _completion_prompts(engine: AsyncLLMEngine, prompt) -> list[tuple[str | None, list[int]]]:
