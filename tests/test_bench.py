@@ -1,0 +1,104 @@
+"""The bench subcommands end to end on a tiny dummy Qwen3 (CPU, a few seconds each)."""
+
+import json
+
+import pytest
+import torch
+
+from pagedllm.entrypoints.cli import main
+
+TINY = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "vocab_size": 1000, "tie_word_embeddings": True, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1,
+}
+COMMON = ["--load-format", "dummy", "--device", "cpu", "--dtype", "float32", "--kv-cache-memory", str(64 << 20)]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+def _load(stem):
+    return json.loads(open(f"{stem}.json").read())
+
+
+def _env_ok(r):
+    for key in ("device", "torch", "triton", "commit", "command", "workload", "output_tokens_per_s",
+                "roofline_fraction"):
+        assert key in r, key
+    assert r["output_tokens_per_s"] > 0
+    assert 0 < r["roofline_fraction"] < 10
+
+
+def test_throughput_hf_and_sequential(tiny, tmp_path):
+    stem = tmp_path / "tp"
+    main(["bench", "throughput", tiny, *COMMON, "--num-prompts", "5", "--input-len", "12", "--output-len", "6",
+          "--baseline", "all", "--hf-batch-size", "2", "--no-hf-continuous", "--output", str(stem)])
+    r = _load(stem)
+    _env_ok(r)
+    assert r["workload"] == "random" and r["output_tokens"] == 30
+    assert r["decode_steps"] >= 6 and r["weight_bytes"] > 0 and r["bandwidth_bytes_per_s"] > 0
+    gen = r["hf"]["generate"]
+    assert gen["output_tokens"] == 30, gen   # useful tokens only: 5 x 6
+    assert gen["output_tokens_per_s"] > 0
+    assert "continuous_batching" not in r["hf"]   # slow on CPU (~15 s): covered by the manual runs
+    assert r["baseline"]["output_tokens_per_s"] > 0 and r["speedup_vs_sequential"] > 0
+    assert (tmp_path / "tp.png").exists() and (tmp_path / "tp.md").exists()
+
+
+def test_throughput_nano_small(tiny, tmp_path):
+    stem = tmp_path / "nano"
+    main(["bench", "throughput", tiny, *COMMON, "--workload", "nano", "--num-prompts", "3", "--max-model-len", "2048", "--nano-len-range", "16", "48",
+          "--output", str(stem)])
+    r = _load(stem)
+    _env_ok(r)
+    assert r["workload"] == "nano" and r["temperature"] == 0.6 and r["num_requests"] == 3
+
+
+def test_latency(tiny, tmp_path):
+    stem = tmp_path / "lat"
+    main(["bench", "latency", tiny, *COMMON, "--input-len", "32", "--output-len", "8", "--repeats", "2",
+          "--output", str(stem)])
+    r = _load(stem)
+    _env_ok(r)
+    assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["output_tokens"] == 8
+    assert r["decode_steps"] == 8
+
+
+def test_prefix(tiny, tmp_path):
+    stem = tmp_path / "pf"
+    main(["bench", "prefix", tiny, *COMMON, "--num-prefixes", "2", "--prefix-len", "48", "--unique-len", "16",
+          "--per-prefix", "3", "--output-len", "4", "--output", str(stem)])
+    r = _load(stem)
+    _env_ok(r)
+    assert r["speedup"] > 0 and r["baseline"]["output_tokens_per_s"] > 0
+    # 2 of 6 requests miss (the first of each prefix); the others hit all 48 prefix tokens of 64
+    assert r["hit_rate"] == pytest.approx(4 * 48 / (6 * 64))
+    assert r["off"]["hit_rate"] == 0
+    assert (tmp_path / "pf.png").exists()
+
+
+def test_hf_weights_match_greedy(tiny):
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.bench.hf_baseline import build_hf_model
+    llm = LLM(model=tiny, load_format="dummy", dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+    hf = build_hf_model(llm)
+    ours = llm.engine.model_runner.model
+    qkv = ours.model.layers[1].self_attn.qkv_proj.weight
+    assert torch.equal(hf.model.layers[1].self_attn.k_proj.weight, qkv[64:96])
+    prompt = list(range(3, 20))
+    mine = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert list(mine[0].outputs[0].token_ids) == theirs[0, len(prompt):].tolist()
+
+
+def test_roofline_formula():
+    from pagedllm.bench.roofline import ideal_time, kv_token_reads, measure_bandwidth
+    assert kv_token_reads([10], [3]) == 10 + 11 + 12
+    assert ideal_time(3, 100, 2, [10], [3], 1.0) == 3 * 100 + 33 * 2
+    assert measure_bandwidth("cpu", nbytes=1 << 20, repeats=2)["bandwidth_bytes_per_s"] > 0
