@@ -76,6 +76,7 @@ def test_bf16_cuda_graphs_match_eager(qwen3_checkpoint):
         equal += k
         if k < len(ref.token_ids):
             top2 = sorted((lp.logprob for lp in ref.logprobs[k].values()), reverse=True)[:2]
-            assert top2[0] - top2[1] < 0.05, f"diverged at token {k} without a near-tie: {top2}"
+            # bf16 logits of magnitude 8..16 are spaced 0.0625 apart: within two steps is a tie
+            assert top2[0] - top2[1] <= 0.125, f"diverged at token {k} without a near-tie: {top2}"
     print(f"bf16 graph vs eager: {equal} of {32 * len(prompts)} tokens identical before any divergence")
     assert equal >= 0.75 * 32 * len(prompts)
