@@ -195,28 +195,36 @@ class ModelRunner:
             self.generators.pop(request_id, None)
 
     def _prepare(self, scheduled: list[ScheduledRequest]) -> _Batch:
+        """Flatten the step into per-token and per-sequence lists (the per-step host hot path:
+        decodes take the short branch)."""
         bs = self.block_size
         b = _Batch([], [], [], [0], [], [], [])
+        input_ids, positions, slots, tables = b.input_ids, b.positions, b.slot_mapping, b.block_tables
+        total = 0
         for item in scheduled:
             request, start, n = item.request, item.start, item.num_new_tokens
-            end = start + n
             blocks = request.block_ids
-            b.input_ids.extend(request.tokens_in(start, end))
-            if b.input_ids[-1] == PLACEHOLDER:   # sampled by the step still in flight
-                b.pending_at.append(len(b.input_ids) - 1)
-                b.pending_rows.append(self._prev_rows[request.request_id])
             if n == 1:
-                b.positions.append(start)
-                b.slot_mapping.append(blocks[start // bs] * bs + start % bs)
+                num_prompt = len(request.prompt_token_ids)
+                token = (request.output_token_ids[start - num_prompt] if start >= num_prompt
+                         else request.prompt_token_ids[start])
+                input_ids.append(token)
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
             else:
-                positions = np.arange(start, end)
-                b.positions.extend(positions.tolist())
-                b.slot_mapping.extend((np.asarray(blocks)[positions // bs] * bs + positions % bs).tolist())
-            b.cu_seqlens_q.append(b.cu_seqlens_q[-1] + n)
-            b.seq_lens.append(end)
-            b.block_tables.append(blocks)
+                input_ids.extend(request.tokens_in(start, start + n))
+                span = np.arange(start, start + n)
+                positions.extend(span.tolist())
+                slots.extend((np.asarray(blocks)[span // bs] * bs + span % bs).tolist())
+            if input_ids[-1] == PLACEHOLDER:   # sampled by the step still in flight
+                b.pending_at.append(total + n - 1)
+                b.pending_rows.append(self._prev_rows[request.request_id])
+            total += n
+            b.cu_seqlens_q.append(total)
+            b.seq_lens.append(start + n)
+            tables.append(blocks)
             if item.samples:
-                b.logits_indices.append(b.cu_seqlens_q[-1] - 1)
+                b.logits_indices.append(total - 1)
         return b
 
     def _tensors(self, b: _Batch):
