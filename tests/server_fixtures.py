@@ -35,8 +35,27 @@ class Server:
         return self.url + "/v1"
 
 
+_shared: dict = {"server": None, "users": 0}
+
+
 @pytest.fixture(scope="session")
 def server():
+    """Each test module that imports this fixture gets its own session-scoped instance of it, so
+    the process is shared through `_shared` and stopped when the last of them is torn down."""
+    if _shared["server"] is None:
+        _shared["gen"] = _serve()
+        _shared["server"] = next(_shared["gen"])
+    _shared["users"] += 1
+    try:
+        yield _shared["server"]
+    finally:
+        _shared["users"] -= 1
+        if _shared["users"] == 0:
+            _shared["server"] = None
+            _shared["gen"].close()
+
+
+def _serve():
     try:
         import httpx2 as httpx
     except ImportError:

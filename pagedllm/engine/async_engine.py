@@ -43,6 +43,10 @@ class RequestFailedError(RuntimeError):
     """One request failed inside the engine (the others carry on)."""
 
 
+class EngineOverloadedError(RuntimeError):
+    """The request was refused because the queue is full (`max_waiting_requests`); retry later."""
+
+
 class _Stream:
     """One request's output queue, living on the event loop."""
     __slots__ = ("request_id", "queue", "loop", "finished", "arrival_time", "last_token_time",
@@ -62,8 +66,14 @@ class AsyncLLMEngine:
     """Runs `engine.step()` in a background thread while there is work; asyncio-facing API."""
 
     def __init__(self, engine, stats=None, log_interval: float = 5.0,
-                 switch_interval: float | None = SWITCH_INTERVAL) -> None:
+                 switch_interval: float | None = SWITCH_INTERVAL, max_waiting_requests: int | None = None) -> None:
         self.engine = engine
+        # Admission limit: a new request is refused (EngineOverloadedError -> HTTP 503) while the engine
+        # already holds max_num_seqs + max_waiting_requests unfinished user requests, i.e. while N
+        # requests already queue behind a full batch. None: unbounded. Checked on the engine thread,
+        # so a burst between two steps cannot slip past it.
+        self.max_waiting_requests = max_waiting_requests
+        self.num_rejected = 0
         self.switch_interval = switch_interval
         self.stats = stats                    # optional sink: metrics.EngineMetrics (duck-typed)
         self.log_interval = log_interval
@@ -161,6 +171,16 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
+    async def call_in_engine(self, fn):
+        """`fn(llm_engine)` run on the engine thread between two steps (so it sees a consistent
+        engine; it must not mutate it), e.g. the dashboard's snapshot. When the loop is not running
+        (not started, or dead), nothing else touches the engine and fn runs here."""
+        if self._thread is None or not self._thread.is_alive() or self.dead_error is not None:
+            return fn(self.engine)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._submit(("call", fn, future))
+        return await future
+
     def _submit(self, command: tuple) -> None:
         with self._cond:
             self._commands.append(command)
@@ -211,6 +231,15 @@ class AsyncLLMEngine:
 
     def _handle(self, command: tuple) -> None:
         kind = command[0]
+        if kind == "call":
+            _, fn, future = command
+            try:
+                result = fn(self.engine)
+            except Exception as exc:  # noqa: BLE001 - the caller's failure, not the engine's
+                _resolve(future, None, exc)
+            else:
+                _resolve(future, result)
+            return
         if kind == "abort":
             request_id = command[1]
             stream = self._streams.pop(request_id, None)
@@ -222,6 +251,12 @@ class AsyncLLMEngine:
         if stream.finished:          # the client left before the request reached the engine
             _resolve(added, None)
             return
+        if self.max_waiting_requests is not None and self._is_full():
+            self.num_rejected += 1
+            _resolve(added, None, EngineOverloadedError(
+                f"the server is overloaded: more than {self.max_waiting_requests} requests are waiting; "
+                "retry later"))
+            return
         try:
             self.engine.add_request(request_id, prompt, params, prompt_text=prompt_text,
                                     arrival_time=stream.arrival_time)
@@ -230,6 +265,12 @@ class AsyncLLMEngine:
             return
         self._streams[request_id] = stream
         _resolve(added, None)
+
+    def _is_full(self) -> bool:
+        config = getattr(self.engine, "config", None)
+        max_num_seqs = getattr(getattr(config, "scheduler", None), "max_num_seqs", 0) or 0
+        unfinished = len(getattr(self.engine, "states", None) or ())
+        return unfinished >= max_num_seqs + self.max_waiting_requests
 
     def _dispatch(self, outputs: list[RequestOutput], step_start: float, now: float) -> None:
         batch = []
@@ -264,7 +305,10 @@ class AsyncLLMEngine:
                     self.stats.record_aborted()
         if batch:
             loop = batch[0][0].loop
-            loop.call_soon_threadsafe(_deliver, batch)
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:     # the event loop has closed (server shutting down): no one is listening
+                pass
 
     def _is_scheduled(self, request_id: str) -> bool:
         state = self.engine.states.get(request_id)
@@ -281,6 +325,8 @@ class AsyncLLMEngine:
         for command in commands:
             if command[0] == "add":
                 _resolve(command[6], None, error)
+            elif command[0] == "call":
+                _resolve(command[2], None, error)
         streams = list(self._streams.values())
         self._streams.clear()
         by_loop: dict = {}

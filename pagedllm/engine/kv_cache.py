@@ -40,6 +40,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[bytes, Block] = {}
+        self.hashed = bytearray(num_blocks)   # 1 where the block holds a cached prefix (read by snapshots)
 
     @property
     def num_free(self) -> int:
@@ -84,12 +85,14 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
         self.cached[block_hash] = block
+        self.hashed[block.block_id] = 1
 
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:
             del self.cached[block.block_hash]
             block.block_hash = None
             block.token_ids = None
+            self.hashed[block.block_id] = 0
 
     def reset_prefix_cache(self) -> None:
         for block in self.free_queue.values():
@@ -102,6 +105,7 @@ class BlockPool:
             assert block.ref_count >= 0
             if block.block_hash is not None:
                 assert self.cached[block.block_hash] is block
+            assert self.hashed[block.block_id] == (block.block_hash is not None)
         assert all(b.block_hash == h for h, b in self.cached.items())
 
 

@@ -79,6 +79,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY") or None,
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: env PAGEDLLM_API_KEY)")
     parser.add_argument("--max-logprobs", type=int, default=20)
+    parser.add_argument("--max-n", type=int, default=16, help="largest `n` (choices per prompt) a request may ask")
+    parser.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                        help="largest request body; bigger ones get 413 (default 1 MiB)")
+    parser.add_argument("--max-waiting-requests", type=int, default=None,
+                        help="refuse new requests (503 + Retry-After) while this many already queue behind a "
+                             "full batch of --max-num-seqs (default: unbounded)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds to let requests in flight finish before aborting them")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
 

@@ -8,6 +8,7 @@ engine loop is dead. A client that disconnects (streaming or not) aborts its req
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -19,9 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedllm
-from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineOverloadedError
 from pagedllm.entrypoints import protocol
 from pagedllm.entrypoints.chat import render_chat
+from pagedllm.entrypoints.limits import BodyLimitMiddleware, ServerLimits
 from pagedllm.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                            TokenizeRequest, error_body, finish_reason, random_id)
 
@@ -54,13 +56,13 @@ class _APIKeyMiddleware:
     """Pure ASGI (keeps streaming and disconnect detection intact): /v1/* needs the key."""
 
     def __init__(self, app, api_key: str) -> None:
-        self.app, self.api_key = app, api_key
+        self.app, self.expected = app, f"Bearer {api_key}".encode("utf-8")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1") and scope.get("method") != "OPTIONS":
             headers = dict(scope.get("headers") or [])
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            if auth != f"Bearer {self.api_key}":
+            auth = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(auth, self.expected):    # constant time: no timing side channel
                 response = _error(401, "Incorrect or missing API key.", "AuthenticationError")
                 await response(scope, receive, send)
                 return
@@ -68,7 +70,7 @@ class _APIKeyMiddleware:
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
-              max_logprobs: int = 20, metrics=None) -> FastAPI:
+              max_logprobs: int = 20, metrics=None, limits: ServerLimits | None = None) -> FastAPI:
     """The app for one AsyncLLMEngine. Its lifespan starts the engine thread (and stops it)."""
     from contextlib import asynccontextmanager
 
@@ -84,7 +86,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.model_name = model_name
-    if api_key:
+    limits = limits or ServerLimits()
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
+    if api_key:   # added last, so it runs first: no body is read for a caller without the key
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
 
     # ---- errors ---------------------------------------------------------------------------------
@@ -120,6 +124,12 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
     async def _dead(request, exc):
         return _error(503, str(exc), "ServiceUnavailableError")
 
+    @app.exception_handler(EngineOverloadedError)
+    async def _overloaded(request, exc):
+        response = _error(503, str(exc), "ServiceUnavailableError")
+        response.headers["Retry-After"] = "1"
+        return response
+
     aliases = {model_name, engine.engine.config.model.model}
 
     def check_model(name: str | None) -> None:
@@ -136,6 +146,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
     @app.get("/version")
     async def version():
         return {"version": pagedllm.__version__}
+
+    # the live dashboard: GET / and /dashboard (page), GET /dashboard/state (read-only JSON)
+    from pagedllm.entrypoints.dashboard import add_dashboard_routes
+    add_dashboard_routes(app, engine, model_name, api_key_required=bool(api_key))
 
     @app.get("/metrics")
     async def prometheus():
@@ -179,6 +193,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         check_model(req.model)
         fields = set(CompletionRequest.model_fields)
         try:
+            many = isinstance(req.prompt, list) and bool(req.prompt) and not isinstance(req.prompt[0], int)
+            limits.check(req, len(req.prompt) if many else 1)
             if req.suffix:
                 raise ValueError("suffix is not supported")
             if req.best_of is not None and req.best_of != req.n:
@@ -227,6 +243,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         check_model(req.model)
         fields = set(ChatCompletionRequest.model_fields) | {"prompt"}
         try:
+            limits.check(req)
             if req.top_logprobs is not None and not req.logprobs:
                 raise ValueError("top_logprobs needs logprobs set to true")
             if req.top_logprobs is not None and not 0 <= req.top_logprobs <= max_logprobs:
@@ -597,13 +614,59 @@ def default_model_name(path: str) -> str:
 
 
 def run_server(args) -> None:
-    import uvicorn
+    """Serve until SIGTERM/SIGINT (exit 0 after the graceful shutdown) or until the engine loop dies
+    (exit 1)."""
+    import sys
     engine, metrics, name = build_engine(args)
+    engine.max_waiting_requests = getattr(args, "max_waiting_requests", None)
+    limits = ServerLimits(max_request_bytes=getattr(args, "max_request_bytes", 1 << 20),
+                          max_n=getattr(args, "max_n", 16))
     app = build_app(engine, served_model_name=name, api_key=args.api_key, max_logprobs=args.max_logprobs,
-                    metrics=metrics)
+                    metrics=metrics, limits=limits)
     logger.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
+    code = serve(app, engine, args.host, args.port, log_level=args.uvicorn_log_level,
+                 shutdown_timeout=getattr(args, "shutdown_timeout", 30.0))
+    if code:
+        sys.exit(code)
+
+
+def serve(app, engine: AsyncLLMEngine, host: str, port: int, log_level: str = "info",
+          shutdown_timeout: float = 30.0, watch_interval: float = 0.5) -> int:
+    """Run uvicorn; return the exit code: 0 after a graceful shutdown, 1 if the engine loop died.
+
+    SIGTERM (and SIGINT): uvicorn stops listening, closes idle connections, lets requests in flight
+    finish for `shutdown_timeout` seconds, then cancels what is left (which aborts those requests).
+    A watchdog thread stops the server as soon as the engine loop dies, so the process exits instead
+    of answering 503 forever (a supervisor restarts it)."""
+    import signal
+    import threading
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                                           timeout_graceful_shutdown=shutdown_timeout))
+    stop = threading.Event()
+
+    def watchdog() -> None:
+        while not stop.wait(watch_interval):
+            if engine.dead_error is not None:
+                logger.error("engine loop died (%r): shutting the server down", engine.dead_error)
+                server.should_exit = True
+                return
+
+    watcher = threading.Thread(target=watchdog, name="pagedllm-watchdog", daemon=True)
+    watcher.start()
+    # uvicorn re-raises the signal it caught once it has shut down, which would end the process by
+    # the signal (exit -15); with this handler in place as the "original" one, a SIGTERM after the
+    # graceful shutdown is a clean exit 0.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                    timeout_keep_alive=5)
+        server.run()
     finally:
+        stop.set()
         engine.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if engine.dead_error is not None:
+        return 1
+    return 0
