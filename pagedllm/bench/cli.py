@@ -73,10 +73,6 @@ def _bandwidth(args) -> dict:
     return measure_bandwidth(device)
 
 
-def _reset_prefix_cache(llm) -> None:
-    reset = getattr(llm.engine.kv_cache, "reset_prefix_cache", None)
-    if reset is not None:
-        reset()
 
 
 def _free_cuda() -> None:
@@ -112,7 +108,7 @@ def cmd_throughput(args: argparse.Namespace) -> None:
         temperature = 0.0 if args.temperature is None else args.temperature
     device = llm.engine.config.device
     run_llm(llm, reqs[:2], temperature)   # warm-up
-    _reset_prefix_cache(llm)              # so the warm-up prompts are not cache hits in the timed run
+    llm.engine.kv_cache.reset_prefix_cache()   # the warm-up prompts must not be cache hits in the timed run
     rows = [{"mode": "pagedllm (all at once)", **run_llm_roofline(llm, reqs, temperature,
                                                                   bw["bandwidth_bytes_per_s"])}]
     result = {**results.environment(), "benchmark": "throughput", "workload": args.workload,

@@ -19,9 +19,7 @@ def one_request(llm, prompt: list[int], output_len: int) -> dict:
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, output_kind="final")
     request_id = f"latency-{engine.new_request_id()}"
-    reset = getattr(engine.kv_cache, "reset_prefix_cache", None)
-    if reset is not None:
-        reset()
+    engine.kv_cache.reset_prefix_cache()
     sync(llm)
     start = time.perf_counter()
     engine.add_request(request_id, prompt, params)
