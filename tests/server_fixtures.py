@@ -55,19 +55,21 @@ def server():
             _shared["gen"].close()
 
 
-def _serve():
+def start_server(extra: list[str], timeout: float = 180) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start `pagedllm serve` with the given extra flags on a free loopback port and wait for
+    /health; returns the process, its URL and the list its output is collected into."""
+    import threading
     try:
         import httpx2 as httpx
     except ImportError:
         import httpx
     port = free_port()
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
-           "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(128 << 20),
-           "--served-model-name", MODEL, "--api-key", API_KEY, "--uvicorn-log-level", "warning"]
-    env = {**os.environ, "PAGEDLLM_API_KEY": ""}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--served-model-name", MODEL, "--uvicorn-log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PAGEDLLM_API_KEY": ""}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError("server exited:\n" + proc.stdout.read())
@@ -78,12 +80,16 @@ def _serve():
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("server did not start in 180 s")
-        time.sleep(0.5)
-    # drain the server's output so it never blocks on a full pipe
-    import threading
-    lines: list[str] = []
+            raise RuntimeError(f"server did not start in {timeout} s")
+        time.sleep(0.3)
+    lines: list[str] = []   # drained so the server never blocks on a full pipe
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, url, lines
+
+
+def _serve():
+    proc, url, _ = start_server(["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(128 << 20),
+                                 "--api-key", API_KEY])
     try:
         yield Server(url, API_KEY, MODEL, proc)
     finally:

@@ -7,13 +7,11 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from server_fixtures import API_KEY, MODEL, free_port, server  # noqa: F401 - session fixture
+from server_fixtures import API_KEY, MODEL, free_port, server, start_server  # noqa: F401 - session fixture
 
 from pagedllm.bench.stress import wait_settled
 
@@ -228,31 +226,6 @@ def test_fuzz_left_server_healthy(server, http):  # noqa: F811
 SMALL_MAX_NUM_SEQS = 8
 SMALL_MAX_WAITING = 64
 SHUTDOWN_TIMEOUT = 6
-
-
-def start_server(extra: list[str], timeout: float = 180) -> tuple[subprocess.Popen, str, list[str]]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
-           "--served-model-name", MODEL, "--uvicorn-log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PAGEDLLM_API_KEY": ""}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited:\n" + proc.stdout.read())
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start in {timeout} s")
-        time.sleep(0.3)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    return proc, url, lines
 
 
 @pytest.fixture(scope="module")
