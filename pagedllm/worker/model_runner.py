@@ -249,10 +249,6 @@ class ModelRunner:
             rows = to_device(b.pending_rows, torch.int64, self.device)
             input_ids[at] = self._prev_tokens[rows]
 
-    def execute(self, out: SchedulerOutput) -> ModelOutput:
-        """Run one step and wait for it."""
-        return self.launch(out).result()
-
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> PendingStep:
         """Issue one step to the device without waiting for it: sampled tokens stay on the device

@@ -99,10 +99,9 @@ class Sampler:
         return logits - freq * output_counts - pres * (output_counts > 0).float()
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        argmax = logits.argmax(dim=-1)
-        if all(r.params.greedy for r in rows):
-            return argmax
-        greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
+        greedy_rows = [r.params.greedy for r in rows]
+        if all(greedy_rows):
+            return logits.argmax(dim=-1)
         temperature = to_device([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
                                 torch.float32, logits.device).unsqueeze(1)
         scaled = logits / temperature
@@ -113,7 +112,10 @@ class Sampler:
             if r.generator is not None:
                 q[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=r.generator)
         sampled = (probs / q).argmax(dim=-1)
-        return torch.where(greedy, argmax, sampled)
+        if not any(greedy_rows):
+            return sampled   # no second pass over the vocabulary for an all-sampling batch
+        greedy = to_device(greedy_rows, torch.bool, logits.device)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
     def _truncate(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """top-k, top-p and min-p: masked tokens get -inf."""
