@@ -45,7 +45,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(c.is_finished for c in self.children)
+        for child in self.children:   # a plain loop: this runs for every streamed request, every step
+            if not child.is_finished:
+                return False
+        return True
 
 
 @dataclass
@@ -65,11 +68,13 @@ class LLMEngine:
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.states: dict[str, RequestState] = {}
+        self._owners: dict[str, tuple[RequestState, int]] = {}   # child id -> (state, child index)
         self.stats = EngineStats()
         self.failed_requests: set[str] = set()   # ids aborted by an output-processing error (drained by callers)
         self._in_flight: tuple[SchedulerOutput, "PendingStep"] | None = None
         self._ids = itertools.count()
-        self._token_text: dict[int, str] = {}
+        # skip_special_tokens -> token id -> the token's text decoded alone (logprobs, detokenizers)
+        self._token_text: dict[bool, dict[int, str]] = {False: {}, True: {}}
         self.vocab_size = config.model.hf_config.vocab_size
         min_pool = -(-config.model.max_model_len // config.cache.block_size)
         if model_runner.num_blocks < min_pool:
@@ -126,12 +131,14 @@ class LLMEngine:
             prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
             sent_text=[0] * len(children), sent_tokens=[0] * len(children), arrival_time=now)
         self.states[request_id] = state
-        for child in children:
+        for index, child in enumerate(children):
             self.scheduler.add_request(child)
+            self._owners[child.request_id] = (state, index)
 
     def _detokenizer(self, token_ids, params: SamplingParams) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens, params.stop,
-                                      params.include_stop_str_in_output)
+                                      params.include_stop_str_in_output,
+                                      self._token_text[bool(params.skip_special_tokens)])
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         max_len = self.config.model.max_model_len
@@ -158,6 +165,7 @@ class LLMEngine:
         state = self.states.pop(request_id, None)
         if state is None:
             return
+        self._forget_children(state)
         for child in state.children:
             if not child.is_finished:
                 self.scheduler.finish_request(child.request_id, RequestStatus.FINISHED_ABORTED)
@@ -173,10 +181,7 @@ class LLMEngine:
         sched_out = self.scheduler.schedule()
         launched = None
         if not sched_out.is_empty:
-            for item in sched_out.scheduled:
-                if item.start < item.request.num_prompt_tokens:
-                    self.stats.prompt_tokens += min(item.num_new_tokens,
-                                                    item.request.num_prompt_tokens - item.start)
+            self.stats.prompt_tokens += sched_out.num_prompt_tokens
             launched = (sched_out, self.model_runner.launch(sched_out))
             self.scheduler.on_launched(sched_out)
         outputs = self._complete(*self._in_flight) if self._in_flight is not None else []
@@ -187,7 +192,7 @@ class LLMEngine:
         model_out = pending.result()
         advanced = self.scheduler.update_from_output(sched_out, model_out.sampled)
         now = time.monotonic()
-        touched: dict[str, RequestState] = {}
+        touched: dict[str, RequestState | None] = {}
         for request_id, (start, entries) in model_out.prompt_logprobs.items():
             state = self._state_of(request_id)
             if state is not None and state.prompt_logprobs is not None:
@@ -195,23 +200,32 @@ class LLMEngine:
                     position = start + offset + 1
                     state.prompt_logprobs[position] = self._logprob_dict(
                         state.prompt_token_ids[position], entry)
+        logprobs = model_out.logprobs
+        num_tokens = 0
         for request, token in advanced:
-            state = self._state_of(request.request_id)
-            if state is None:
+            owner = self._owners.get(request.request_id)
+            if owner is None:
                 continue
-            self.stats.generation_tokens += 1
+            state, index = owner
+            num_tokens += 1
             if state.first_token_time is None:
                 state.first_token_time = now
             try:
-                self._process_token(state, request, token, model_out.logprobs.get(request.request_id))
+                self._process_token(state, index, request, token, logprobs.get(request.request_id))
             except Exception:  # noqa: BLE001 - e.g. a failing detokenisation: this request fails alone
                 self._fail(state)
                 touched.pop(state.request_id, None)
                 continue
-            touched[state.request_id] = state
+            if request.is_finished or state.params.output_kind != "final":
+                touched[state.request_id] = state
+            else:
+                # a "final" request has nothing to emit until a child finishes (the common case);
+                # None keeps its place in the output order should a sibling finish later this step
+                touched.setdefault(state.request_id, None)
+        self.stats.generation_tokens += num_tokens
         outputs = []
         for state in touched.values():
-            if state.request_id not in self.states:
+            if state is None or state.request_id not in self.states:
                 continue
             try:
                 output = self._make_output(state, now)
@@ -230,10 +244,15 @@ class LLMEngine:
         self.abort_request(state.request_id)
 
     def _state_of(self, child_id: str) -> RequestState | None:
-        return self.states.get(child_id.split("#", 1)[0])
+        owner = self._owners.get(child_id)
+        return owner[0] if owner is not None else None
 
-    def _process_token(self, state: RequestState, request: Request, token: int, logprob_entry) -> None:
-        index = state.children.index(request)
+    def _forget_children(self, state: RequestState) -> None:
+        for child in state.children:
+            self._owners.pop(child.request_id, None)
+
+    def _process_token(self, state: RequestState, index: int, request: Request, token: int,
+                       logprob_entry) -> None:
         if logprob_entry is not None and state.logprobs[index] is not None:
             state.logprobs[index].append(self._logprob_dict(token, logprob_entry))
             state.cumulative_logprob[index] += logprob_entry[0]
@@ -256,9 +275,10 @@ class LLMEngine:
     def _decode_token(self, token: int) -> str | None:
         if self.tokenizer is None:
             return None
-        text = self._token_text.get(token)
+        cache = self._token_text[False]
+        text = cache.get(token)
         if text is None:
-            text = self._token_text[token] = self.tokenizer.decode([token])
+            text = cache[token] = self.tokenizer.decode([token])
         return text
 
     def _make_output(self, state: RequestState, now: float) -> RequestOutput | None:
@@ -288,18 +308,19 @@ class LLMEngine:
                                          skip_special_tokens=state.params.skip_special_tokens)
         else:
             text = ""
-        tokens = child.known_output_token_ids
+        num_known = child.num_known_output_tokens
         logprobs = state.logprobs[i]
         if kind == "delta":
             safe = detok.stream_safe_length(child.is_finished) if detok is not None else len(text)
             text_start, token_start = state.sent_text[i], state.sent_tokens[i]
-            if safe <= text_start and len(tokens) <= token_start and not child.is_finished:
+            if safe <= text_start and num_known <= token_start and not child.is_finished:
                 return None
-            text, tokens = text[text_start:safe], tokens[token_start:]
+            # slice only the new tokens: copying the whole output at every step is quadratic
+            text, tokens = text[text_start:safe], child.output_token_ids[token_start:num_known]
             logprobs = logprobs[token_start:] if logprobs is not None else None
-            state.sent_text[i], state.sent_tokens[i] = max(safe, text_start), len(child.known_output_token_ids)
+            state.sent_text[i], state.sent_tokens[i] = max(safe, text_start), num_known
         else:
-            tokens = list(tokens)
+            tokens = child.output_token_ids[:num_known]
             logprobs = list(logprobs) if logprobs is not None else None
         return CompletionOutput(index=i, text=text, token_ids=tokens,
                                 cumulative_logprob=state.cumulative_logprob[i] if logprobs is not None else None,
@@ -308,6 +329,7 @@ class LLMEngine:
 
     def _finish(self, state: RequestState, now: float) -> None:
         del self.states[state.request_id]
+        self._forget_children(state)
         self.model_runner.release(c.request_id for c in state.children)
         for child in state.children:
             reason = child.finish_reason or "abort"

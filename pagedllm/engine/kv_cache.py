@@ -28,7 +28,7 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
     """Chained content hash: a block is identified by its tokens and everything before them."""
     h = hashlib.blake2b(digest_size=16)
     h.update(parent_hash or b"\0")
-    h.update(b",".join(str(t).encode() for t in token_ids))
+    h.update(",".join(map(str, token_ids)).encode())
     return h.digest()
 
 
@@ -162,13 +162,13 @@ class KVCacheManager:
         """Make the request's block table cover its computed tokens (incl. `cached` blocks, which
         the caller then counts as computed) plus num_new_tokens. False (nothing changed) if the
         pool is too small."""
-        blocks = self._blocks.setdefault(request.request_id, [])
         total = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
-        if not cached and total <= len(blocks) * self.block_size:
-            # the common decode step: the last block still has room
+        if not cached and total <= len(request.block_ids) * self.block_size:
+            # the common decode step: the last block still has room (block_ids mirrors _blocks)
             if self.enable_prefix_caching and total % self.block_size == 0:
-                self._register_full_blocks(request, blocks, total)
+                self._register_full_blocks(request, self._blocks[request.request_id], total)
             return True
+        blocks = self._blocks.setdefault(request.request_id, [])
         needed = -(-total // self.block_size) - len(blocks) - len(cached)
         reclaimable = sum(1 for b in cached if b.ref_count == 0)
         if needed > self.pool.num_free - reclaimable:
@@ -186,9 +186,11 @@ class KVCacheManager:
 
     def cache_blocks(self, request: Request) -> None:
         """Publish the request's full, computed blocks whose tokens are now all known."""
+        if (not self.enable_prefix_caching or request.num_computed_tokens // self.block_size
+                <= self._num_registered.get(request.request_id, 0)):
+            return   # every step but one in block_size: no block has filled up
         blocks = self._blocks.get(request.request_id)
-        if (self.enable_prefix_caching and blocks and request.num_computed_tokens // self.block_size
-                > self._num_registered.get(request.request_id, 0)):
+        if blocks:
             self._register_full_blocks(request, blocks, request.num_computed_tokens)
 
     def _register_full_blocks(self, request: Request, blocks: list[Block], num_computed: int) -> None:

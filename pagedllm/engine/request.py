@@ -23,8 +23,9 @@ class RequestStatus(enum.Enum):
         return self in _FINISHED
 
 
-_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                       RequestStatus.FINISHED_ABORTED})
+# A tuple, not a set: membership is an identity check, where a set would call Enum's Python-level
+# __hash__ (is_finished runs for every request at every step).
+_FINISHED = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
@@ -73,6 +74,12 @@ class Request:
         return out[:-1] if out and out[-1] == PLACEHOLDER else out
 
     @property
+    def num_known_output_tokens(self) -> int:
+        """Output tokens whose values are on the host (all but a trailing placeholder)."""
+        out = self.output_token_ids
+        return len(out) - 1 if out and out[-1] == PLACEHOLDER else len(out)
+
+    @property
     def num_known_tokens(self) -> int:
         """Tokens whose values are on the host (all but a trailing placeholder)."""
         pending = 1 if self.output_token_ids and self.output_token_ids[-1] == PLACEHOLDER else 0
@@ -80,7 +87,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:

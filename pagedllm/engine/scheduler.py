@@ -25,19 +25,16 @@ from pagedllm.engine.request import PLACEHOLDER, Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-    start: int = 0                # position of the first token computed this step
-    samples: bool = False         # this step reaches the last token, so the next one is sampled
+    start: int                    # position of the first token computed this step
+    samples: bool                 # this step reaches the last token, so the next one is sampled
     output_index: int = -1        # where the sampled token goes in output_token_ids (set at launch)
-
-    def __post_init__(self) -> None:
-        self.start = self.request.num_computed_tokens
-        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    num_prompt_tokens: int = 0    # prompt tokens computed this step (a recompute counts again)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -75,23 +72,33 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        scheduled = out.scheduled
+        allocate_slots = self.kv_cache.allocate_slots
         budget = self.config.max_num_batched_tokens
         index = 0
+        # the hot loop (every running request, every step): lengths are read directly rather
+        # than through Request's properties
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            if request.num_output_tokens >= request.max_tokens:
+            num_outputs = len(request.output_token_ids)
+            if num_outputs >= request.max_tokens:
                 index += 1   # its last token is still in flight; it finishes when that lands
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_prompt = len(request.prompt_token_ids)
+            start = request.num_computed_tokens
+            num_new = min(num_prompt + num_outputs - start, budget)
             assert num_new > 0, "a running request always has a token to compute"
-            while not self.kv_cache.allocate_slots(request, num_new):
+            while not allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                scheduled.append(ScheduledRequest(request, num_new, start,
+                                                  start + num_new == num_prompt + num_outputs))
+                if start < num_prompt:
+                    out.num_prompt_tokens += min(num_new, num_prompt - start)
                 budget -= num_new
                 index += 1
         if not out.preempted:
@@ -113,7 +120,9 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            out.scheduled.append(ScheduledRequest(request, num_new, num_cached,
+                                                  num_cached + num_new == request.num_tokens))
+            out.num_prompt_tokens += min(num_new, max(0, request.num_prompt_tokens - num_cached))
             budget -= num_new
 
     def _preempt(self, request: Request) -> None:
@@ -139,13 +148,14 @@ class Scheduler:
         """Fill in the step's sampled tokens and finish requests that hit a token-level stop.
         Returns (request, token) for every request that got a new token."""
         advanced = []
+        cache_blocks = self.kv_cache.cache_blocks
         for item in out.scheduled:
             request = item.request
             if not item.samples or request.is_finished:
                 continue  # a prefill chunk, or finished/aborted while the step ran
             token = sampled[request.request_id]
             request.output_token_ids[item.output_index] = token
-            self.kv_cache.cache_blocks(request)
+            cache_blocks(request)
             advanced.append((request, token))
             status = self._token_stop(request, token, item.output_index + 1)
             if status is not None:
