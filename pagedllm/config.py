@@ -17,6 +17,7 @@ class ModelConfig:
     max_model_len: int
     load_format: str = "auto"  # "auto" | "dummy"
     served_model_name: str | None = None
+    tensor_parallel_size: int = 1
 
     @property
     def num_layers(self) -> int:
@@ -32,6 +33,11 @@ class ModelConfig:
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     @property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads are split across tensor-parallel ranks, or replicated when there are fewer."""
+        return max(1, self.num_kv_heads // self.tensor_parallel_size)
+
+    @property
     def dtype_bytes(self) -> int:
         return 4 if self.dtype == "float32" else 2
 
@@ -39,6 +45,11 @@ class ModelConfig:
     def kv_bytes_per_token(self) -> int:
         """K and V, every layer: 2 x layers x kv_heads x head_dim x dtype bytes."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token_per_rank(self) -> int:
+        """What one rank's pool holds per token (the whole model's with one rank)."""
+        return self.kv_bytes_per_token * self.kv_heads_per_rank // self.num_kv_heads
 
 
 @dataclass(frozen=True)

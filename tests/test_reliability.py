@@ -372,6 +372,9 @@ def test_sigterm_drains_running_requests_then_exits_0(small_server):
 class _DyingEngine:
     """A stand-in engine (no model) whose step raises."""
 
+    def shutdown(self, graceful=True):
+        pass
+
     def __init__(self):
         from types import SimpleNamespace
         self.config = SimpleNamespace(model=SimpleNamespace(model="fake", served_model_name=None, max_model_len=64))

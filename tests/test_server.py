@@ -341,6 +341,9 @@ def test_client_disconnect_non_streaming_frees_request(server):  # noqa: F811
 class _FakeEngine:
     """Three outputs per request; ids starting with 'bad' fail in output processing."""
 
+    def shutdown(self, graceful=True):
+        pass
+
     def __init__(self):
         from types import SimpleNamespace
         self.config = SimpleNamespace(model=SimpleNamespace(model="fake", served_model_name=None, max_model_len=64))

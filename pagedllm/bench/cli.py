@@ -93,6 +93,8 @@ def _plot(kind: str, result: dict, output: str | None) -> None:
 
 
 def cmd_throughput(args: argparse.Namespace) -> None:
+    if args.baseline in ("hf", "all") and args.tensor_parallel_size > 1:
+        raise SystemExit("--baseline hf copies the engine's weights: it needs --tensor-parallel-size 1")
     overrides = {}
     if args.workload == "nano" and args.max_model_len is None:
         overrides["max_model_len"] = 4096

@@ -34,14 +34,18 @@ def environment() -> dict:
 
 
 def _git_commit() -> str | None:
+    """HEAD (with -dirty for uncommitted changes), or $PAGEDLLM_COMMIT where the tree is a copy
+    without git history (as on the GPU machine)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("PAGEDLLM_COMMIT")
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -11,6 +11,8 @@
   by wrapping llm.engine.step). Every such step must read all weights at least once.
 - context length of a generated token = prompt_len + its index in the output (the first output
   token attends to the prompt, the second to the prompt + 1, ...).
+- with tensor parallelism the GPUs read their shares side by side, so the roofline is one GPU's:
+  rank 0's weight bytes and its KV bytes per token, at one GPU's measured bandwidth.
 """
 
 import statistics
@@ -109,9 +111,11 @@ def roofline(llm, counter: StepCounter, prompt_lens: list[int], output_lens: lis
              bandwidth: float) -> dict:
     """The roofline fields of a result: ideal time, fraction, and what went into them."""
     wb = weight_bytes(llm.engine.model_runner.model)
-    kvb = llm.engine.config.model.kv_bytes_per_token
+    model = llm.engine.config.model
+    kvb = model.kv_bytes_per_token_per_rank
     ideal = ideal_time(counter.decode_steps, wb, kvb, prompt_lens, output_lens, bandwidth)
     return {
+        "tensor_parallel_size": model.tensor_parallel_size,
         "weight_bytes": wb, "kv_bytes_per_token": kvb, "decode_steps": counter.decode_steps,
         "engine_steps": counter.steps, "kv_token_reads": kv_token_reads(prompt_lens, output_lens),
         "bandwidth_bytes_per_s": bandwidth, "ideal_time_s": ideal,

@@ -99,9 +99,12 @@ class AsyncLLMEngine:
         with self._cond:
             self._stop = True
             self._cond.notify()
+        running = False
         if self._thread is not None:
             self._thread.join(timeout)
+            running = self._thread.is_alive()
             self._thread = None
+        self.engine.shutdown(graceful=not running)
 
     @property
     def is_healthy(self) -> bool:

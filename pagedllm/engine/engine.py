@@ -85,10 +85,21 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args) -> "LLMEngine":
         from pagedllm.models.loader import load_tokenizer
-        from pagedllm.worker.model_runner import ModelRunner
+        from pagedllm.worker.tp_workers import start_model_runner, stop_model_runner
         config, source = args.create_config()
         tokenizer = load_tokenizer(source)
-        return cls(config, ModelRunner(config, source), tokenizer)
+        runner = start_model_runner(config, source)
+        try:
+            return cls(config, runner, tokenizer)
+        except BaseException:
+            stop_model_runner(runner)
+            raise
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the other tensor-parallel ranks, if any (idempotent). `graceful=False` when a step
+        may still be running in another thread: the ranks are then killed, not told."""
+        from pagedllm.worker.tp_workers import stop_model_runner
+        stop_model_runner(self.model_runner, graceful)
 
     # ---- requests ---------------------------------------------------------------------------
     def new_request_id(self) -> str:

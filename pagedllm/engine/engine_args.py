@@ -36,16 +36,16 @@ class EngineArgs:
     def create_config(self) -> tuple[EngineConfig, loader.ModelSource]:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
+        self._check_parallel(device)
         dtype = self._dtype(device)
         source = loader.resolve(self.model, self.load_format)
         hf_config = loader.load_config(source)
         from pagedllm.models.registry import model_class
         model_class(hf_config)  # fail early on an unsupported architecture
+        _check_splittable(hf_config, self.tensor_parallel_size)
         max_model_len = self._max_model_len(hf_config)
         _check(self.block_size in (8, 16, 32, 64, 128), "block_size", f"must be 8, 16, 32, 64 or 128, got {self.block_size}")
         _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
@@ -55,7 +55,8 @@ class EngineArgs:
         _check(batched >= 1, "max_num_batched_tokens", f"must be >= 1, got {batched}")
         model_config = ModelConfig(model=source.name, hf_config=hf_config, dtype=dtype,
                                    max_model_len=max_model_len, load_format=self.load_format,
-                                   served_model_name=self.served_model_name)
+                                   served_model_name=self.served_model_name,
+                                   tensor_parallel_size=self.tensor_parallel_size)
         cache = CacheConfig(block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
                             gpu_memory_utilization=self.gpu_memory_utilization,
                             kv_cache_memory=self.kv_cache_memory or 2 * GiB,
@@ -64,6 +65,15 @@ class EngineArgs:
                                     max_model_len=max_model_len, eos_token_ids=frozenset(eos_ids(hf_config)))
         return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, device=device,
                             enforce_eager=self.enforce_eager, seed=self.seed), source
+
+    def _check_parallel(self, device: str) -> None:
+        tp = self.tensor_parallel_size
+        _check(isinstance(tp, int) and tp >= 1, "tensor_parallel_size", f"must be an integer >= 1, got {tp!r}")
+        if tp > 1 and device.startswith("cuda"):
+            _check(device == "cuda", "tensor_parallel_size",
+                   f"> 1 uses GPUs 0..{tp - 1} (CUDA_VISIBLE_DEVICES picks them): give device 'cuda', not {device!r}")
+            _check(tp <= torch.cuda.device_count(), "tensor_parallel_size",
+                   f"{tp} needs {tp} GPUs, but {torch.cuda.device_count()} are visible")
 
     def _dtype(self, device: str) -> str:
         if self.dtype == "auto":
@@ -86,6 +96,18 @@ def eos_ids(hf_config) -> list[int]:
     if eos is None:
         return []
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _check_splittable(hf_config, tp: int) -> None:
+    """Each rank must get whole attention heads and an equal share of the MLP; KV heads are split
+    when they divide evenly and replicated when the ranks are a multiple of them."""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    _check(heads % tp == 0, "tensor_parallel_size", f"{tp} must divide the model's {heads} attention heads")
+    _check(kv_heads % tp == 0 or tp % kv_heads == 0, "tensor_parallel_size",
+           f"{tp} must divide the model's {kv_heads} KV heads, or be a multiple of them")
+    _check(hf_config.intermediate_size % tp == 0, "tensor_parallel_size",
+           f"{tp} must divide the model's intermediate_size {hf_config.intermediate_size}")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

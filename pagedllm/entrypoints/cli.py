@@ -19,11 +19,12 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--kv-cache-memory", type=int, default=None, help="CPU KV pool bytes (default 2 GiB)")
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="CPU KV pool bytes per rank (default 2 GiB)")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model across this many GPUs (or CPU processes), one process each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
 

@@ -655,18 +655,18 @@ def serve(app, engine: AsyncLLMEngine, host: str, port: int, log_level: str = "i
     watcher = threading.Thread(target=watchdog, name="pagedllm-watchdog", daemon=True)
     watcher.start()
     # uvicorn re-raises the signal it caught once it has shut down, which would end the process by
-    # the signal (exit -15); with this handler in place as the "original" one, a SIGTERM after the
-    # graceful shutdown is a clean exit 0.
-    previous = None
+    # the signal (exit -15, or a KeyboardInterrupt traceback for Ctrl-C); with these handlers in
+    # place as the "original" ones, SIGTERM or SIGINT after the graceful shutdown is a clean exit 0.
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
     finally:
         stop.set()
         engine.shutdown()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if engine.dead_error is not None:
         return 1
     return 0

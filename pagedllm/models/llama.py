@@ -5,6 +5,9 @@
 
 Q/K/V and gate/up projections are each one fused matmul; load_weights maps the checkpoint's
 separate tensors into their shards. The model works on the flattened batch: [T, hidden].
+With tensor parallelism each rank holds its share of the heads and of the MLP (layers/linear.py)
+and of the vocabulary (layers/embedding.py); the KV heads are split, or replicated when there are
+fewer of them than ranks.
 """
 
 from collections.abc import Iterable
@@ -13,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.distributed.parallel_state import SINGLE, TPGroup
 from pagedllm.layers.attention import Attention, AttentionMetadata
 from pagedllm.layers.compile import fused_on_gpu
+from pagedllm.layers.embedding import VocabParallelEmbedding
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, copy_whole
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 
@@ -26,16 +32,19 @@ PACKED_SHARDS = {
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding, backend, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, rotary: RotaryEmbedding, backend, qkv_bias: bool, qk_norm: bool,
+                 tp: TPGroup) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.shard_sizes = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                            self.num_kv_heads * self.head_dim]
-        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.shard_sizes), bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size,
-                                bias=getattr(config, "attention_bias", False))
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.num_heads = heads // tp.size
+        self.num_kv_heads = max(1, kv_heads // tp.size)
+        d = self.head_dim
+        kv = Shard(kv_heads * d, min(kv_heads, tp.size))
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [Shard(heads * d, tp.size), kv, kv], tp, qkv_bias)
+        self.shard_sizes = self.qkv_proj.shard_sizes
+        self.o_proj = RowParallelLinear(heads * d, config.hidden_size, tp, getattr(config, "attention_bias", False))
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -56,13 +65,13 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.shard_sizes = [config.intermediate_size, config.intermediate_size]
+        size = config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [Shard(size, tp.size)] * 2, tp, bias)
+        self.shard_sizes = self.gate_up_proj.shard_sizes
+        self.down_proj = RowParallelLinear(size, config.hidden_size, tp, bias)
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
@@ -78,12 +87,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, rotary, backend, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, rotary, backend, qkv_bias: bool, qk_norm: bool, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DecoderAttention(config, rotary, backend, qkv_bias, qk_norm)
+        self.self_attn = DecoderAttention(config, rotary, backend, qkv_bias, qk_norm, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, positions, hidden, residual, md):
         if residual is None:
@@ -97,13 +106,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, backend, max_positions: int, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, backend, max_positions: int, qkv_bias: bool, qk_norm: bool, tp: TPGroup) -> None:
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         rotary = RotaryEmbedding(config, head_dim, max_positions)
         self.rotary = rotary
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary, backend, qkv_bias, qk_norm)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary, backend, qkv_bias, qk_norm, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -120,20 +129,21 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
 
-    def __init__(self, config, backend, max_positions: int) -> None:
+    def __init__(self, config, backend, max_positions: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
+        self.max_positions = max_positions
         sliding = getattr(config, "sliding_window", None)
         if sliding is not None and getattr(config, "use_sliding_window", True) and max_positions > sliding:
             raise ValueError(f"max_model_len {max_positions} exceeds the model's sliding_window {sliding}; "
                              "sliding-window attention is not supported, lower max_model_len")
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = DecoderModel(config, backend, max_positions, qkv_bias, self.qk_norm)
+        self.model = DecoderModel(config, backend, max_positions, qkv_bias, self.qk_norm, tp)
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if self.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
@@ -142,12 +152,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, md)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        """Full-vocabulary logits (gathered from every rank)."""
+        return (self.model.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (Hugging Face names) in, fusing q/k/v and gate/up. Every
-        parameter must be written exactly once."""
+        """Copy full checkpoint tensors (Hugging Face names, or our fused names) in: q/k/v and
+        gate/up go to their shard of the fused layer, and each parameter's weight_loader keeps
+        this rank's piece. Every parameter must be written exactly once."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -161,37 +172,35 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"unexpected weight {name!r} in checkpoint")
             param = params[target]
-            if shard is None:
-                assert param.shape == tensor.shape, f"{name}: {tuple(tensor.shape)} vs {tuple(param.shape)}"
-                param.data.copy_(tensor)
-                loaded.add(target)
-            else:
-                module = self.get_submodule(target.rsplit(".", 2)[0])
-                sizes = module.shard_sizes
-                start = sum(sizes[:shard])
-                param.data[start:start + sizes[shard]].copy_(tensor)
-                loaded.add(f"{target}#{shard}")
+            getattr(param, "weight_loader", copy_whole)(param, tensor, shard)
+            loaded.add(target if shard is None else f"{target}#{shard}")
         missing = [n for n, p in params.items() if n not in loaded and not _all_shards_loaded(n, loaded, self)]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
     def init_dummy_weights(self, seed: int = 0) -> None:
-        """Random weights of the right shapes (benchmarks without a checkpoint)."""
-        gen = torch.Generator(device=self.model.embed_tokens.weight.device).manual_seed(seed)
-        for name, param in self.named_parameters():
-            if "norm" in name:
-                param.data.fill_(1.0)
-            elif name.endswith("bias"):
-                param.data.zero_()
-            else:
-                param.data.normal_(0.0, 0.02, generator=gen)
+        """Random weights (benchmarks without a checkpoint), drawn in the single-rank shapes and
+        then split like a checkpoint, so every tensor-parallel size runs the same model."""
+        device = self.model.embed_tokens.weight.device
+        with torch.device("meta"):
+            whole = type(self)(self.config, None, self.max_positions)
+        self.load_weights(_dummy_tensor(name, p.shape, device, seed + i)
+                          for i, (name, p) in enumerate(whole.named_parameters()))
+
+
+def _dummy_tensor(name: str, shape: torch.Size, device: torch.device, seed: int) -> tuple[str, torch.Tensor]:
+    if "norm" in name:
+        return name, torch.ones(shape, device=device)
+    if name.endswith("bias"):
+        return name, torch.zeros(shape, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return name, torch.empty(shape, device=device).normal_(0.0, 0.02, generator=gen)
 
 
 def _all_shards_loaded(name: str, loaded: set[str], model: nn.Module) -> bool:
-    if not any(f".{fused}." in name for fused, _ in PACKED_SHARDS.values()):
-        return False
-    module = model.get_submodule(name.rsplit(".", 2)[0])
-    return all(f"{name}#{i}" in loaded for i in range(len(module.shard_sizes)))
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    shards = getattr(module, "shards", None)
+    return shards is not None and all(f"{name}#{i}" in loaded for i in range(len(shards)))
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

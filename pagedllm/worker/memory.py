@@ -19,7 +19,8 @@ def format_bytes(n: float) -> str:
 
 
 def block_bytes(model: ModelConfig, cache: CacheConfig) -> int:
-    return model.kv_bytes_per_token * cache.block_size
+    """One block of one rank's pool."""
+    return model.kv_bytes_per_token_per_rank * cache.block_size
 
 
 def num_blocks_for_budget(model: ModelConfig, cache: CacheConfig, budget_bytes: int) -> int:
@@ -33,7 +34,7 @@ def gpu_kv_budget(total: int, utilization: float, weights: int, activation_peak:
 
 
 def log_capacity(model: ModelConfig, cache: CacheConfig, num_blocks: int) -> dict:
-    per_token = model.kv_bytes_per_token
+    per_token = model.kv_bytes_per_token_per_rank
     tokens = num_blocks * cache.block_size
     per_request_blocks = -(-model.max_model_len // cache.block_size)
     info = {
@@ -44,8 +45,9 @@ def log_capacity(model: ModelConfig, cache: CacheConfig, num_blocks: int) -> dic
         "token_capacity": tokens,
         "max_concurrency_at_max_model_len": num_blocks / per_request_blocks,
     }
-    logger.info("KV cache: %s per token, %d blocks of %d tokens (%s), %d tokens, "
-                "max concurrency %.2fx at max_model_len %d", format_bytes(per_token), num_blocks,
+    where = f" on each of {model.tensor_parallel_size} ranks" if model.tensor_parallel_size > 1 else ""
+    logger.info("KV cache%s: %s per token, %d blocks of %d tokens (%s), %d tokens, "
+                "max concurrency %.2fx at max_model_len %d", where, format_bytes(per_token), num_blocks,
                 cache.block_size, format_bytes(info["pool_bytes"]), tokens,
                 info["max_concurrency_at_max_model_len"], model.max_model_len)
     return info

@@ -3,6 +3,10 @@
 Owns the model, the KV pool's memory and the sampler. On CUDA it sizes the pool from a profiled
 max-size step and replays CUDA graphs for decode-only steps (one graph per batch-size bucket,
 inputs padded to the bucket; padding rows store nothing and attend to nothing).
+
+With tensor parallelism every rank has a ModelRunner over its share of the model. Rank 0 (the
+engine's) flattens each step into a _Batch and broadcasts it; the other ranks run the same
+forward through run_worker_step, so their collectives pair up, and take rank 0's sampled tokens.
 """
 
 import contextlib
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.distributed.parallel_state import SINGLE, TPGroup
 from pagedllm.engine.request import PLACEHOLDER
 from pagedllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedllm.layers.attention import AttentionMetadata, select_backend
@@ -68,7 +73,11 @@ class _Batch:
     cu_seqlens_q: list[int]
     seq_lens: list[int]
     block_tables: list[list[int]]
-    logits_indices: list[int]
+    logits_indices: list[int]          # rows of the hidden states to sample from
+    # rows whose logits score the next prompt token, and per request (index in the step, first
+    # prompt position scored, count) for prompt_logprobs
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)
     # input positions holding a PLACEHOLDER, and the previous step's sample row that fills each
     pending_at: list[int] = field(default_factory=list)
     pending_rows: list[int] = field(default_factory=list)
@@ -100,9 +109,14 @@ class PendingStep:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: loader.ModelSource) -> None:
+    def __init__(self, config: EngineConfig, source: loader.ModelSource, tp: TPGroup = SINGLE) -> None:
         self.config = config
+        self.tp = tp
+        self.in_step = False          # between broadcasting a step and its last collective
+        self.workers = None           # on rank 0: the processes of ranks 1..N-1 (tp_workers.py)
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and tp.size > 1:
+            self.device = torch.device("cuda", tp.rank)
         self.dtype = getattr(torch, config.model.dtype)
         self.block_size = config.cache.block_size
         self.max_model_len = config.model.max_model_len
@@ -126,7 +140,7 @@ class ModelRunner:
         backend = select_backend(self.device.type, self.max_model_len)
         cls = model_class(self.hf_config)
         with _default_dtype(self.dtype), self.device:
-            model = cls(self.hf_config, backend, self.max_model_len)
+            model = cls(self.hf_config, backend, self.max_model_len, self.tp)
         if self.config.model.load_format == "dummy":
             model.init_dummy_weights(self.config.seed)
         else:
@@ -139,6 +153,10 @@ class ModelRunner:
             return cache.num_gpu_blocks_override
         if self.device.type != "cuda":
             return memory.num_blocks_for_budget(model_cfg, cache, cache.kv_cache_memory)
+        return self.tp.min_over_ranks(self._blocks_that_fit())   # every rank must hold the same blocks
+
+    def _blocks_that_fit(self) -> int:
+        cache, model_cfg = self.config.cache, self.config.model
         torch.cuda.synchronize()
         loaded = torch.cuda.memory_allocated()
         weights = loaded - self._allocated_before_load
@@ -163,9 +181,7 @@ class ModelRunner:
         """One step as large as the scheduler can produce, against a one-block dummy pool."""
         num_tokens = self.config.scheduler.max_num_batched_tokens
         num_seqs = max(1, min(self.config.scheduler.max_num_seqs, num_tokens))
-        self._bind_pool(torch.zeros(2, len(self.model.attention_layers()), 1, self.block_size,
-                                    self.config.model.num_kv_heads, self.config.model.head_dim,
-                                    dtype=self.dtype, device=self.device))
+        self._bind_pool(torch.zeros(self._pool_shape(1), dtype=self.dtype, device=self.device))
         lens = [num_tokens // num_seqs] * num_seqs
         lens[-1] += num_tokens - sum(lens)
         cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
@@ -179,10 +195,12 @@ class ModelRunner:
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)
         del hidden, logits
 
+    def _pool_shape(self, num_blocks: int) -> tuple[int, ...]:
+        model = self.config.model
+        return (2, model.num_layers, num_blocks, self.block_size, model.kv_heads_per_rank, model.head_dim)
+
     def _allocate_pool(self) -> None:
-        shape = (2, self.hf_config.num_hidden_layers, self.num_blocks, self.block_size,
-                 self.config.model.num_kv_heads, self.config.model.head_dim)
-        self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_pool = torch.zeros(self._pool_shape(self.num_blocks), dtype=self.dtype, device=self.device)
         self._bind_pool(self.kv_pool)
 
     def _bind_pool(self, pool: torch.Tensor) -> None:
@@ -201,7 +219,7 @@ class ModelRunner:
         b = _Batch([], [], [], [0], [], [], [])
         input_ids, positions, slots, tables = b.input_ids, b.positions, b.slot_mapping, b.block_tables
         total = 0
-        for item in scheduled:
+        for index, item in enumerate(scheduled):
             request, start, n = item.request, item.start, item.num_new_tokens
             blocks = request.block_ids
             if n == 1:
@@ -225,6 +243,11 @@ class ModelRunner:
             tables.append(blocks)
             if item.samples:
                 b.logits_indices.append(total - 1)
+            if request.needs_prompt_logprobs:
+                scored = min(start + n, request.num_prompt_tokens - 1) - start
+                if scored > 0:
+                    b.prompt_spans.append((index, start, scored))
+                    b.prompt_rows.extend(range(total - n, total - n + scored))
         return b
 
     def _tensors(self, b: _Batch):
@@ -254,25 +277,50 @@ class ModelRunner:
         """Issue one step to the device without waiting for it: sampled tokens stay on the device
         for the next step's inputs and are copied to the host in the background."""
         batch = self._prepare(out.scheduled)
-        hidden = self._forward(batch)
+        self.in_step = True
+        self.tp.broadcast_object(batch)
+        logits = self._execute(batch)
         sampling = [item for item in out.scheduled if item.samples]
         request_ids = [item.request.request_id for item in sampling]
         tokens = logprobs = None
         if sampling:
-            logits = self.model.compute_logits(hidden[to_device(batch.logits_indices, torch.int64, self.device)])
             rows = [self._sampling_row(item) for item in sampling]
-            sample = self.sampler(logits, rows, self._prev_tokens)
-            self._prev_tokens = sample.token_ids
+            sample = self.sampler(logits[:len(sampling)], rows, self._prev_tokens)
+            self._prev_tokens = self.tp.broadcast(sample.token_ids)   # the other ranks' next inputs
             self._prev_rows = {request_id: i for i, request_id in enumerate(request_ids)}
             tokens = _to_host(sample.token_ids)
             if sample.logprobs is not None:
                 logprobs = ([r.params.logprobs for r in rows], [_to_host(t) for t in sample.logprobs])
-        prompt = self._prompt_logprobs(out.scheduled, batch, hidden)
+        self.in_step = False
+        prompt = self._prompt_logprobs(out.scheduled, batch, logits[len(sampling):] if batch.prompt_rows else None)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
         return PendingStep(request_ids, tokens, logprobs, prompt, event)
+
+    @torch.inference_mode()
+    def run_worker_step(self, batch: _Batch) -> None:
+        """A rank other than 0 runs rank 0's step: the same forward and logits (their collectives
+        pair with rank 0's), then rank 0's sampled tokens become this rank's next inputs."""
+        self._execute(batch)
+        if batch.logits_indices:
+            tokens = torch.empty(len(batch.logits_indices), dtype=torch.int64, device=self.device)
+            self._prev_tokens = self.tp.broadcast(tokens)
+
+    def shutdown(self) -> None:
+        """Tell the other ranks to stop (they wait for the next step's batch), unless a step was
+        interrupted halfway and they wait inside a collective instead."""
+        if self.tp.size > 1 and not self.in_step:
+            self.tp.broadcast_object(None)
+
+    def _execute(self, batch: _Batch) -> torch.Tensor | None:
+        """Forward, then the logits of the rows to sample followed by the prompt-logprob rows."""
+        hidden = self._forward(batch)
+        rows = batch.logits_indices + batch.prompt_rows
+        if not rows:
+            return None
+        return self.model.compute_logits(hidden[to_device(rows, torch.int64, self.device)])
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         num_seqs = len(batch.seq_lens)
@@ -295,21 +343,15 @@ class ModelRunner:
             pending = self._prev_rows[request.request_id]
         return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator, pending)
 
-    def _prompt_logprobs(self, scheduled, batch: _Batch, hidden: torch.Tensor) -> dict:
+    def _prompt_logprobs(self, scheduled, batch: _Batch, logits: torch.Tensor | None) -> dict:
         result = {}
-        for i, item in enumerate(scheduled):
-            request = item.request
-            if not request.needs_prompt_logprobs:
-                continue
-            start = item.start
-            end = min(item.start + item.num_new_tokens, request.num_prompt_tokens - 1)
-            if end <= start:
-                continue
-            offset = batch.cu_seqlens_q[i]
-            logits = self.model.compute_logits(hidden[offset:offset + end - start])
-            next_tokens = to_device(request.prompt_token_ids[start + 1:end + 1], torch.int64, self.device)
-            result[request.request_id] = (
-                start, prompt_logprobs(logits, next_tokens, request.sampling_params.prompt_logprobs))
+        offset = 0
+        for index, start, count in batch.prompt_spans:
+            request = scheduled[index].request
+            next_tokens = to_device(request.prompt_token_ids[start + 1:start + count + 1], torch.int64, self.device)
+            result[request.request_id] = (start, prompt_logprobs(
+                logits[offset:offset + count], next_tokens, request.sampling_params.prompt_logprobs))
+            offset += count
         return result
 
     # ---- CUDA graphs ------------------------------------------------------------------------
