@@ -11,6 +11,7 @@ broadcasts until rank 0 sends None. Nothing is left behind:
 
 import atexit
 import contextlib
+import faulthandler
 import logging
 import os
 import pickle
@@ -141,6 +142,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _worker_main(rank: int, config: EngineConfig, source: ModelSource, port: int, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # `kill -USR1 <pid>` shows where a rank waits
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     logging.basicConfig(level=logging.WARNING, format=f"[tp rank {rank}] %(levelname)s %(name)s: %(message)s")
     device_type = torch.device(config.device).type
