@@ -8,6 +8,7 @@ is the identity, so single-device code pays nothing.
 
 import os
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,12 @@ def init_group(rank: int, size: int, port: int, device_type: str) -> TPGroup:
     return TPGroup(rank, size, cpu_group)
 
 
-def destroy_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_group(timeout: float = 10.0) -> bool:
+    """Leave the process group; False if that did not finish in `timeout` seconds. NCCL's teardown
+    waits for the other ranks to leave as well, so it runs aside: a dead peer must not hang us."""
+    if not dist.is_initialized():
+        return True
+    leaving = threading.Thread(target=dist.destroy_process_group, name="pagedllm-tp-destroy", daemon=True)
+    leaving.start()
+    leaving.join(timeout)
+    return not leaving.is_alive()

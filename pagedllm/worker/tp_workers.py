@@ -59,9 +59,14 @@ def stop_model_runner(runner: ModelRunner, graceful: bool = True) -> None:
     workers.stopping = True
     if graceful:
         runner.shutdown()
+        left = parallel_state.destroy_group()   # together with the other ranks, which leave now too
         workers.join(timeout=30.0)
-    workers.kill()
-    parallel_state.destroy_group()
+        workers.kill()
+    else:
+        workers.kill()
+        left = parallel_state.destroy_group(timeout=2.0)
+    if not left:
+        logger.warning("the tensor-parallel process group did not shut down cleanly")
     torch.set_num_threads(workers.threads_before)
     runner.workers = None
 
