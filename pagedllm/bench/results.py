@@ -34,8 +34,10 @@ def environment() -> dict:
 
 
 def _git_commit() -> str | None:
-    """HEAD (with -dirty for uncommitted changes), or $PAGEDLLM_COMMIT where the tree is a copy
-    without git history (as on the GPU machine)."""
+    """$PAGEDLLM_COMMIT if set (a copy of the tree, as on the GPU machine, may carry a stale or no
+    .git), else HEAD with -dirty for uncommitted changes."""
+    if os.environ.get("PAGEDLLM_COMMIT"):
+        return os.environ["PAGEDLLM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=5)
@@ -45,7 +47,7 @@ def _git_commit() -> str | None:
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("PAGEDLLM_COMMIT")
+    return None
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
