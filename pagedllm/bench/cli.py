@@ -54,6 +54,8 @@ def register(sub) -> None:
     pf.add_argument("--per-prefix", type=int, default=10, help="requests per system prompt")
     pf.add_argument("--output-len", type=int, default=128)
     pf.add_argument("--seed-workload", type=int, default=0)
+    pf.add_argument("--repeats", type=int, default=2,
+                    help="timed runs per mode, each from an empty cache; the last is reported")
     pf.add_argument("--output", default=None, help="path stem for the .json, .md and .png results")
     pf.set_defaults(func=cmd_prefix)
 
