@@ -1,8 +1,18 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (Llama, Qwen2, Qwen3) saved to disk, and
-the bundled SmolLM2 GGUF loaded once per session."""
+the bundled SmolLM2 GGUF loaded once per session.
+
+Without a GPU the Triton kernels run under the interpreter, which must be switched on before
+anything imports triton (`import torch` does not; building a model does, through torch._dynamo):
+Triton's own helpers such as tl.zeros are decorated when triton is imported, and since Triton 3.8
+the interpreter no longer converts ones decorated without it."""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6,
