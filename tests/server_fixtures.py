@@ -4,7 +4,6 @@ Import the fixtures into a test module with `from server_fixtures import server 
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,13 @@ from dataclasses import dataclass
 
 import pytest
 
+from pagedllm.distributed.parallel_state import free_port  # noqa: F401 - re-exported for the tests
+
 API_KEY = "test-key"
 MODEL = "smollm2"
 MAX_MODEL_LEN = 2048
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

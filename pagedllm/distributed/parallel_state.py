@@ -36,10 +36,6 @@ class TPGroup:
     size: int = 1
     cpu_group: object = None   # gloo group for Python objects (the default group on CPU)
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place."""
         if self.size > 1:
