@@ -128,10 +128,10 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._prev_rows: dict[str, int] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_blocks = self._size_pool()
         self.capacity = memory.log_capacity(config.model, config.cache, self.num_blocks)
         self._allocate_pool()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
 
@@ -190,10 +190,9 @@ class ModelRunner:
                        slot_mapping=[-1] * num_tokens, cu_seqlens_q=cu, seq_lens=lens,
                        block_tables=[[0] * max_blocks for _ in lens], logits_indices=[c - 1 for c in cu[1:]])
         with torch.inference_mode():
-            hidden = self.model(*self._tensors(batch))
-            logits = self.model.compute_logits(hidden[to_device(batch.logits_indices, torch.int64, self.device)])
+            logits = self._execute(batch)
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)
-        del hidden, logits
+        del logits
 
     def _pool_shape(self, num_blocks: int) -> tuple[int, ...]:
         model = self.config.model
