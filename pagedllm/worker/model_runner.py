@@ -1,8 +1,7 @@
 """Turns a SchedulerOutput into tensors, runs the model, and samples.
 
 Owns the model, the KV pool's memory and the sampler. On CUDA it sizes the pool from a profiled
-max-size step and replays CUDA graphs for decode-only steps (one graph per batch-size bucket,
-inputs padded to the bucket; padding rows store nothing and attend to nothing).
+max-size step and runs steps through CUDA graphs (worker/cuda_graphs.py).
 
 With tensor parallelism every rank has a ModelRunner over its share of the model. Rank 0 (the
 engine's) flattens each step into a _Batch and broadcasts it; the other ranks run the same
@@ -11,7 +10,6 @@ forward through run_worker_step, so their collectives pair up, and take rank 0's
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,13 +23,11 @@ from pagedllm.layers.attention import AttentionMetadata, select_backend
 from pagedllm.models import loader
 from pagedllm.models.registry import model_class
 from pagedllm.worker import memory
+from pagedllm.worker.cuda_graphs import CudaGraphs
 from pagedllm.worker.sampler import Sampler, SamplingRow, prompt_logprobs
 from pagedllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
-
-GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
-
 
 @dataclass
 class ModelOutput:
@@ -128,12 +124,16 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._prev_rows: dict[str, int] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: CudaGraphs | None = None
         self.num_blocks = self._size_pool()
         self.capacity = memory.log_capacity(config.model, config.cache, self.num_blocks)
         self._allocate_pool()
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_graphs()
+            sched = config.scheduler
+            self.graphs = CudaGraphs(self.model, self.hf_config.hidden_size, self.dtype, self.device,
+                                     sched.max_num_seqs, sched.max_num_batched_tokens, self.max_model_len,
+                                     self.block_size)
+            self.graphs.capture()
 
     # ---- start-up -------------------------------------------------------------------------
     def _load_model(self, source: loader.ModelSource) -> torch.nn.Module:
@@ -322,10 +322,8 @@ class ModelRunner:
         return self.model.compute_logits(hidden[to_device(rows, torch.int64, self.device)])
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
-        num_seqs = len(batch.seq_lens)
-        decode_only = len(batch.input_ids) == num_seqs
-        if decode_only and self.graphs and num_seqs <= self.max_graph_batch:
-            return self._replay(batch)
+        if self.graphs is not None and self.graphs.covers(len(batch.input_ids), len(batch.seq_lens)):
+            return self.graphs.run(batch, _block_table_array(batch.block_tables), self._fill_pending)
         return self.model(*self._tensors(batch))
 
     def _sampling_row(self, item: ScheduledRequest) -> SamplingRow:
@@ -352,55 +350,3 @@ class ModelRunner:
                 logits[offset:offset + count], next_tokens, request.sampling_params.prompt_logprobs))
             offset += count
         return result
-
-    # ---- CUDA graphs ------------------------------------------------------------------------
-    def _capture_graphs(self) -> None:
-        max_seqs = self.config.scheduler.max_num_seqs
-        sizes = [s for s in GRAPH_BATCH_SIZES if s < max_seqs] + [max_seqs]
-        self.max_graph_batch = max(sizes)
-        dev = self.device
-        max_blocks = -(-self.max_model_len // self.block_size)
-        n = self.max_graph_batch
-        self.static = {
-            "input_ids": torch.zeros(n, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(n, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((n,), -1, dtype=torch.int64, device=dev),
-            "cu_seqlens_q": torch.arange(n + 1, dtype=torch.int32, device=dev),
-            "seq_lens": torch.zeros(n, dtype=torch.int32, device=dev),
-            "block_tables": torch.zeros(n, max_blocks, dtype=torch.int32, device=dev),
-        }
-        self.static_hidden = torch.zeros(n, self.hf_config.hidden_size, dtype=self.dtype, device=dev)
-        started = time.perf_counter()
-        pool = None
-        for size in sorted(sizes, reverse=True):
-            s = self.static
-            md = AttentionMetadata(s["slot_mapping"][:size], s["cu_seqlens_q"][:size + 1], s["seq_lens"][:size],
-                                   s["block_tables"][:size], max_query_len=1, max_seq_len=self.max_model_len)
-            args = (s["input_ids"][:size], s["positions"][:size], md)
-            self.static_hidden[:size] = self.model(*args)   # warm-up: compiles kernels outside capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.static_hidden[:size] = self.model(*args)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
-        logger.info("captured %d CUDA graphs for decode batches up to %d in %.1f s",
-                    len(self.graphs), self.max_graph_batch, time.perf_counter() - started)
-
-    def _replay(self, batch: _Batch) -> torch.Tensor:
-        num_seqs = len(batch.seq_lens)
-        size = next(s for s in sorted(self.graphs) if s >= num_seqs)
-        s = self.static
-        tables = to_device(_block_table_array(batch.block_tables), torch.int32, self.device)
-        packed = batch.input_ids + batch.positions + batch.slot_mapping + batch.seq_lens
-        ids, pos, slots, lens = to_device(packed, torch.int64, self.device).split(num_seqs)
-        s["input_ids"][:num_seqs].copy_(ids)
-        self._fill_pending(s["input_ids"], batch)
-        s["positions"][:num_seqs].copy_(pos)
-        s["slot_mapping"][:num_seqs].copy_(slots)
-        s["slot_mapping"][num_seqs:size].fill_(-1)
-        s["seq_lens"][:num_seqs].copy_(lens)
-        s["seq_lens"][num_seqs:size].fill_(0)
-        s["block_tables"][:num_seqs, :tables.shape[1]].copy_(tables)
-        self.graphs[size].replay()
-        return self.static_hidden[:num_seqs]

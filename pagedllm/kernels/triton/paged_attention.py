@@ -11,6 +11,10 @@ Both handle GQA without repeating K/V: a program owns one KV head and all the qu
 share it, so every K/V tile is loaded once per group. Scores use exp2 with the softmax scale
 folded into log2(e); accumulation is fp32. Block-table entries are widened to int64 before they
 are multiplied by the pool's strides (a pool can exceed 2**31 elements).
+
+Integer arguments that change from step to step (the number of sequences, the block-table row
+stride) are not specialised on: Triton would otherwise compile a variant per value class (== 1,
+divisible by 16, other), about a second each, in the middle of serving.
 """
 
 import functools
@@ -47,7 +51,7 @@ def _find_seq(cu_seqlens_q_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, seq_lens_ptr, block_tables_ptr,
         num_seqs, scale_log2,
@@ -170,7 +174,7 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr, scale_log2,
