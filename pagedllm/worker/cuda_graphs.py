@@ -89,9 +89,11 @@ class CudaGraphs:
                                    max_query_len=size, max_seq_len=self.max_model_len)
         return s.input_ids[:size], s.positions[:size], md
 
+    @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, the largest first. Each is run once before its capture so that
-        compilation (torch.compile, Triton) happens outside it."""
+        compilation (torch.compile, Triton) happens outside it. Inference mode as in the steps
+        themselves: with autograd on, a forward keeps every layer's activations alive."""
         started = time.perf_counter()
         s = self.static
         work = sorted([(size, "mixed") for size in self.mixed_sizes] + [(size, "decode") for size in self.decode_sizes],

@@ -145,7 +145,7 @@ class ModelRunner:
             model.init_dummy_weights(self.config.seed)
         else:
             model.load_weights(loader.iter_weights(source, self.hf_config))
-        return model.eval()
+        return model.eval().requires_grad_(False)
 
     def _size_pool(self) -> int:
         cache, model_cfg = self.config.cache, self.config.model
