@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite (H100, Qwen3-0.6B bf16 with dummy weights: no checkpoint, no network).
-#   usage: bash pagedllm/bench/gpu_suite.sh OUT_DIR        (run from the repository root)
-# Writes OUT_DIR/{latency,prefix,throughput-nano}.{json,md,png} and one log per step. Each step has its
-# own time limit and a failing step does not stop the others; total worst case ~8.5 min (500 s of step limits + kill grace), normally ~6-7.
+#   usage: bash pagedllm/bench/gpu_suite.sh OUT_DIR [STEP...]   (run from the repository root)
+# STEPs: latency prefix prefix-out10 prefix-hit75 throughput-nano (default: all; all together can
+# outlast one 10-minute device command, so run them in two calls). Writes OUT_DIR/STEP.{json,md,png}
+# and one log per step. Each step has its own time limit and a failing step does not stop the others.
+# The prefix steps: prefix is DESIGN.md's example (10 system prompts x 10 requests, 128 output
+# tokens); prefix-out10 the same with 10 output tokens (vLLM's prefix-caching benchmark default);
+# prefix-hit75 has 50 requests per system prompt, so that ~75% of prompt tokens are actually served
+# from the cache (with 10 per prompt, each prompt's first request misses and the hit rate is 67.5%).
 # The throughput step saves its pagedllm result before the (slow) HF baseline starts, so a timeout
 # there still leaves the main figure. HF `generate` runs only the first 128 nano requests (one padded
 # batch of 128; --hf-max-requests, recorded in the JSON) and HF continuous batching gets 100 s.
 # prefix uses --gpu-memory-utilization 0.45 (its KV need is ~13 GB) so the on and off engines never compete.
 # PNGs need matplotlib; without it, re-draw later with: python3 -m pagedllm.bench.plots OUT_DIR/*.json
 set -u
-OUT=${1:?usage: gpu_suite.sh OUT_DIR}
+OUT=${1:?usage: gpu_suite.sh OUT_DIR [STEP...]}
+shift
+STEPS=${*:-latency prefix prefix-out10 prefix-hit75 throughput-nano}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -33,6 +40,7 @@ except ImportError: print('no matplotlib: no PNGs')"
 status=0
 step() {  # step NAME LIMIT_S CMD...
   local name=$1 limit=$2; shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
   echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/suite.log"
   local t0=$SECONDS
   timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -44,8 +52,10 @@ step() {  # step NAME LIMIT_S CMD...
 
 step latency 90 "${CLI[@]}" latency "$MODEL" "${ENGINE[@]}" --input-len 512 --output-len 256 --repeats 5 \
   --output "$OUT/latency"
-step prefix 110 "${CLI[@]}" prefix "$MODEL" "${ENGINE[@]}" --gpu-memory-utilization 0.45 --num-prefixes 10 --prefix-len 768 --unique-len 256 \
-  --per-prefix 10 --output-len 128 --output "$OUT/prefix"
+PREFIX=("${CLI[@]}" prefix "$MODEL" "${ENGINE[@]}" --gpu-memory-utilization 0.45 --prefix-len 768 --unique-len 256)
+step prefix 110 "${PREFIX[@]}" --num-prefixes 10 --per-prefix 10 --output-len 128 --output "$OUT/prefix"
+step prefix-out10 110 "${PREFIX[@]}" --num-prefixes 10 --per-prefix 10 --output-len 10 --output "$OUT/prefix-out10"
+step prefix-hit75 150 "${PREFIX[@]}" --num-prefixes 4 --per-prefix 50 --output-len 10 --output "$OUT/prefix-hit75"
 step throughput-nano 300 "${CLI[@]}" throughput "$MODEL" "${ENGINE[@]}" --workload nano --num-prompts 256 \
   --baseline hf --hf-batch-size 128 --hf-max-requests 128 --hf-timeout 100 --output "$OUT/throughput-nano"
 
