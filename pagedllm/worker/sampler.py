@@ -3,7 +3,9 @@
 Order, as in vLLM: logit_bias, min_tokens (EOS/stop ids masked), penalties, then greedy argmax or
 temperature -> top-k -> top-p -> min-p -> a draw. The draw uses the exponential race
 (argmax p / q, q ~ Exp(1)), so seeded rows only need their own q from their own generator and the
-result does not depend on which other requests share the batch. Logprobs are those of the raw
+result does not depend on which other requests share the batch. On CUDA, a batch with no
+truncation and no seeded sampling row is drawn by one fused Triton kernel instead (Gumbel-max, the
+same distribution, one read of the logits in their own dtype). Logprobs are those of the raw
 model distribution (vLLM's default), top-N plus the sampled token with its rank.
 """
 
@@ -41,8 +43,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], prev_tokens: torch.Tensor) -> SampleResult:
         """prev_tokens: the previous step's samples, which fill the PLACEHOLDER that a row's
-        output_token_ids may end with (its value is not on the host yet)."""
-        logits = logits.float()
+        output_token_ids may end with (its value is not on the host yet). The logits stay in their
+        own dtype unless a bias, mask or penalty applies: upcasting is a pass over the whole batch."""
         raw = logits
         logits = self._apply_logit_bias(logits, rows)
         logits = self._apply_min_tokens(logits, rows)
@@ -58,7 +60,7 @@ class Sampler:
         entries = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]
         if not entries:
             return logits
-        logits = logits.clone()
+        logits = logits.to(torch.float32, copy=True)
         index = to_device([[i, t] for i, t, _ in entries], torch.int64, logits.device)
         bias = to_device([b for _, _, b in entries], logits.dtype, logits.device)
         logits.index_put_((index[:, 0], index[:, 1]), bias, accumulate=True)
@@ -69,7 +71,7 @@ class Sampler:
                   for t in set(self.eos_token_ids) | set(r.params.stop_token_ids) if t < logits.shape[1]]
         if not masked:
             return logits
-        logits = logits.clone()
+        logits = logits.to(torch.float32, copy=True)
         index = to_device(masked, torch.int64, logits.device)
         logits[index[:, 0], index[:, 1]] = float("-inf")
         return logits
@@ -77,6 +79,7 @@ class Sampler:
     def _apply_penalties(self, logits, rows, prev_tokens):
         if not any(r.params.has_penalties for r in rows):
             return logits
+        logits = logits.float()
         device = logits.device
         batch, vocab = logits.shape
         output_counts = torch.zeros(batch, vocab, device=device)
@@ -102,6 +105,9 @@ class Sampler:
         greedy_rows = [r.params.greedy for r in rows]
         if all(greedy_rows):
             return logits.argmax(dim=-1)
+        if logits.is_cuda and all(_fusable(r) for r in rows):
+            return _fused_sample(logits, rows)
+        logits = logits.float()
         temperature = to_device([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
                                 torch.float32, logits.device).unsqueeze(1)
         scaled = logits / temperature
@@ -140,6 +146,23 @@ class Sampler:
             logits = logits.masked_fill(probs < threshold, float("-inf"))
         return logits
 
+
+def _fusable(row: SamplingRow) -> bool:
+    """The fused kernel draws plain temperature samples from its own Philox stream: no truncation,
+    and no per-request generator (a greedy row never uses its generator's draws)."""
+    p = row.params
+    return p.greedy or (row.generator is None and p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0.0)
+
+
+def _fused_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """One kernel over the logits. The seed comes from torch's default CPU generator, so
+    torch.manual_seed makes runs reproducible; it is drawn >= 2**32 so Triton compiles one variant.
+    Triton is imported here, as by the attention backend: it is only installed where CUDA may be."""
+    from pagedllm.kernels.triton.sampling import sample_tokens
+    temperature = to_device([0.0 if r.params.greedy else r.params.temperature for r in rows],
+                            torch.float32, logits.device)
+    seed = torch.randint(2 ** 32, 2 ** 62, (1,)).item()
+    return sample_tokens(logits, temperature, seed)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> tuple[torch.Tensor, ...]:
