@@ -29,6 +29,7 @@ from pagedllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class ModelOutput:
     sampled: dict[str, int] = field(default_factory=dict)
