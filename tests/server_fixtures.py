@@ -96,3 +96,27 @@ def _serve():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class StandInEngine:
+    """What AsyncLLMEngine needs of an engine, without a model: requests wait in `pending`
+    (id -> steps taken) until a subclass's step() serves them."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(model=SimpleNamespace(model="fake", served_model_name=None, max_model_len=64))
+        self.tokenizer = None
+        self.vocab_size = 100
+        self.states, self.pending, self.failed_requests = {}, {}, set()
+
+    def shutdown(self, graceful=True):
+        pass
+
+    def add_request(self, request_id, prompt, params, prompt_text=None, arrival_time=None):
+        self.pending[request_id] = 0
+
+    def has_unfinished_requests(self):
+        return bool(self.pending)
+
+    def abort_request(self, request_id):
+        self.pending.pop(request_id, None)

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from server_fixtures import API_KEY, MODEL, free_port, server, start_server  # noqa: F401 - session fixture
+from server_fixtures import API_KEY, MODEL, StandInEngine, free_port, server, start_server  # noqa: F401 - session fixture
 
 from pagedllm.bench.stress import wait_settled
 
@@ -369,27 +369,8 @@ def test_sigterm_drains_running_requests_then_exits_0(small_server):
 
 
 # ---- the engine loop dies: /health 503, then the process exits non-zero --------------------------------
-class _DyingEngine:
+class _DyingEngine(StandInEngine):
     """A stand-in engine (no model) whose step raises."""
-
-    def shutdown(self, graceful=True):
-        pass
-
-    def __init__(self):
-        from types import SimpleNamespace
-        self.config = SimpleNamespace(model=SimpleNamespace(model="fake", served_model_name=None, max_model_len=64))
-        self.tokenizer = None
-        self.vocab_size = 100
-        self.states, self.pending, self.failed_requests = {}, set(), set()
-
-    def add_request(self, request_id, prompt, params, prompt_text=None, arrival_time=None):
-        self.pending.add(request_id)
-
-    def has_unfinished_requests(self):
-        return bool(self.pending)
-
-    def abort_request(self, request_id):
-        self.pending.discard(request_id)
 
     def step(self):
         raise RuntimeError("injected engine fault")

@@ -8,7 +8,7 @@ import time
 
 import openai
 import pytest
-from server_fixtures import server  # noqa: F401 - session fixture
+from server_fixtures import StandInEngine, server  # noqa: F401 - session fixture
 
 try:
     import httpx2 as httpx
@@ -338,28 +338,17 @@ def test_client_disconnect_non_streaming_frees_request(server):  # noqa: F811
 
 
 # ---- the engine loop, with a stand-in engine (no model, no server) ---------------------------------
-class _FakeEngine:
+class _FakeEngine(StandInEngine):
     """Three outputs per request; ids starting with 'bad' fail in output processing."""
 
-    def shutdown(self, graceful=True):
-        pass
-
     def __init__(self):
-        from types import SimpleNamespace
-        self.config = SimpleNamespace(model=SimpleNamespace(model="fake", served_model_name=None, max_model_len=64))
-        self.tokenizer = None
-        self.states, self.pending, self.failed_requests, self.boom = {}, {}, set(), False
+        super().__init__()
+        self.boom = False
 
     def add_request(self, request_id, prompt, params, prompt_text=None, arrival_time=None):
         if params.max_tokens > 50:
             raise ValueError("max_tokens too large")
-        self.pending[request_id] = 0
-
-    def has_unfinished_requests(self):
-        return bool(self.pending)
-
-    def abort_request(self, request_id):
-        self.pending.pop(request_id, None)
+        super().add_request(request_id, prompt, params)
 
     def step(self):
         from pagedllm.outputs import CompletionOutput, RequestOutput
