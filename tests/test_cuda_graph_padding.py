@@ -26,7 +26,8 @@ def _with_eager_buckets(llm: LLM) -> list[EagerBucket]:
     runner = llm.engine.model_runner
     sched = llm.engine.config.scheduler
     graphs = CudaGraphs(runner.model, runner.hf_config.hidden_size, runner.dtype, runner.device,
-                        sched.max_num_seqs, sched.max_num_batched_tokens, runner.max_model_len, runner.block_size)
+                        sched.max_num_seqs, sched.max_num_batched_tokens, runner.max_model_len, runner.block_size,
+                        runner.shared_tile_size)
     buckets = []
     for kind, table in (("decode", graphs.decode), ("mixed", graphs.mixed)):
         for size in (graphs.decode_sizes if kind == "decode" else graphs.mixed_sizes):

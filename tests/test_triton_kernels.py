@@ -9,7 +9,6 @@ import importlib
 import math
 import os
 
-import numpy as np
 import torch
 
 ON_GPU = torch.cuda.is_available()
@@ -22,6 +21,7 @@ import triton  # noqa: E402
 from pagedllm.kernels import torch_ref  # noqa: E402
 from pagedllm.kernels.triton import paged_attention as pa_mod  # noqa: E402
 from pagedllm.kernels.triton import store_kv as store_mod  # noqa: E402
+from tests.triton_interpreter import patch_interpreter  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -36,30 +36,7 @@ def _use_interpreter():
         importlib.reload(store_mod)
     assert isinstance(pa_mod._decode_split_kernel, interpreter.InterpretedFunction)
     assert isinstance(store_mod._store_kv_kernel, interpreter.InterpretedFunction)
-    # Two gaps of Triton 3.6's interpreter, patched here only (the GPU path is unaffected):
-    # 1. Scalars are 1-element arrays converted with int(), which NumPy >= 2.4 refuses
-    #    (triton-lang/triton#9171), so loops with run-time bounds fail. Take the element instead.
-    patch_tensor = interpreter._patch_lang_tensor
-    if not getattr(patch_tensor, "_pagedllm_fix", False):
-        def patched_tensor(tensor, scope):
-            patch_tensor(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-        patched_tensor._pagedllm_fix = True
-        interpreter._patch_lang_tensor = patched_tensor
-    # 2. bfloat16 is stored as uint16 and tl.dot multiplies the raw bits (triton-lang/triton#11584;
-    #    bf16 is unsupported there). Widen bf16 operands to fp32 (exact) first.
-    dot = interpreter.InterpreterBuilder.create_dot
-    if not getattr(dot, "_pagedllm_fix", False):
-        def widen(h):
-            if h.dtype.scalar != triton.language.bfloat16:
-                return h
-            data = (h.data.astype(np.uint32) << 16).view(np.float32)
-            return interpreter.TensorHandle(data, triton.language.float32)
-
-        def patched_dot(self, a, b, *args):
-            return dot(self, widen(a), widen(b), *args)
-        patched_dot._pagedllm_fix = True
-        interpreter.InterpreterBuilder.create_dot = patched_dot
+    patch_interpreter()
 
 
 if not ON_GPU:
@@ -231,3 +208,56 @@ def test_decode_split_count_depends_on_shapes_only():
     assert pa_mod._num_splits(1, 8, 40960, dev) == pa_mod._MAX_SPLITS
     assert pa_mod._num_splits(256, 8, 40960, dev) == 1
     assert pa_mod._num_splits(1, 8, 300, dev) == 2
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[2]], ids=_ids)
+def test_decode_attention_shared_prefix(cfg):
+    """Cascade decode: sequences whose tables start with the same blocks read them through shared-
+    prefix tiles. Groups larger than a tile, a member whose whole context is the shared prefix,
+    sequences in no tile, an unused (length 0) tile and a padding row; equal to the plain oracle."""
+    num_heads, kvh, d, block_size, dtype = cfg
+    gen = torch.Generator().manual_seed(5)
+    tile_size = pa_mod.shared_tile_seqs(num_heads, kvh)
+    # (shared blocks, [own tokens after the prefix per member])
+    groups = [(3, [1, 17, 40] + [5] * tile_size), (6, [0, 70, 130])]
+    alone = [33, 0, 300]
+    seq_lens, shared, tables = [], [], []
+    num_blocks = 200 + tile_size * 4
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tile_seqs, tile_lens = [], []
+    for prefix_blocks, own in groups:
+        prefix = [perm.pop() for _ in range(prefix_blocks)]
+        members = []
+        for extra in own:
+            n = prefix_blocks * block_size + extra
+            members.append(len(seq_lens))
+            seq_lens.append(n)
+            shared.append(prefix_blocks * block_size)
+            tables.append(prefix + [perm.pop() for _ in range(math.ceil(extra / block_size))])
+        for i in range(0, len(members), tile_size):
+            chunk = members[i:i + tile_size]
+            tile_seqs.append(chunk + [-1] * (tile_size - len(chunk)))
+            tile_lens.append(prefix_blocks * block_size)
+    for n in alone:
+        seq_lens.append(n)
+        shared.append(0)
+        tables.append([perm.pop() for _ in range(max(1, math.ceil(n / block_size)))])
+    tile_seqs.append([-1] * tile_size)      # an unused tile, as CUDA graphs pad them
+    tile_lens.append(0)
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, dtype, gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(len(seq_lens), num_heads, d, generator=gen).to(dtype).to(DEVICE)
+    scale = d ** -0.5
+    out = torch.full_like(query, float("nan"))
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)
+    pa_mod.decode_attention(query, k_cache, v_cache, lens, table, scale, 1024, out=out,
+                            shared_lens=as_tensor(shared), tile_seqs=as_tensor(tile_seqs),
+                            tile_lens=as_tensor(tile_lens))
+    valid = [i for i, n in enumerate(seq_lens) if n > 0]
+    cu = torch.arange(len(valid) + 1, dtype=torch.int32)
+    ref = torch_ref.paged_attention(query[valid].cpu(), k_cache.cpu(), v_cache.cpu(), cu, lens[valid].cpu(),
+                                    table[valid].cpu(), scale)
+    _check(out[valid], ref, dtype)
+    assert (out[[i for i, n in enumerate(seq_lens) if n == 0]] == 0).all()

@@ -13,6 +13,15 @@ from pagedllm.kernels import torch_ref
 
 
 @dataclass
+class SharedPrefixes:
+    """Cascade attention for a decode step: sequences sharing a cached prefix, in tiles (layouts in
+    kernels/triton/paged_attention.decode_attention; planned in worker/shared_prefix.py)."""
+    shared_lens: torch.Tensor      # [B] int32
+    tile_seqs: torch.Tensor        # [tiles, tile size] int32
+    tile_lens: torch.Tensor        # [tiles] int32
+
+
+@dataclass
 class AttentionMetadata:
     """Where this step's tokens go in the pool and what each sequence attends to (layouts in
     kernels/torch_ref.py)."""
@@ -22,6 +31,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor     # [B, max_blocks] int32
     max_query_len: int
     max_seq_len: int
+    shared: SharedPrefixes | None = None   # decode steps only, where the backend reads prefixes once
 
     @property
     def decode_only(self) -> bool:
@@ -30,6 +40,9 @@ class AttentionMetadata:
 
 class TorchBackend:
     """Reference backend: gathers each sequence's blocks and runs dense attention."""
+
+    def shared_tile_seqs(self, num_heads: int, num_kv_heads: int) -> int:
+        return 0      # reads every context whole: no use for a SharedPrefixes plan
 
     def store(self, key, value, k_cache, v_cache, md: AttentionMetadata) -> None:
         torch_ref.store_kv(key, value, k_cache, v_cache, md.slot_mapping)
@@ -48,15 +61,21 @@ class TritonBackend:
         self._store = store_kv.store_kv
         self._mixed = paged_attention.paged_attention
         self._decode = paged_attention.decode_attention
+        self._tile_seqs = paged_attention.shared_tile_seqs
         self.max_model_len = max_model_len
+
+    def shared_tile_seqs(self, num_heads: int, num_kv_heads: int) -> int:
+        """Sequences per shared-prefix tile of decode steps."""
+        return self._tile_seqs(num_heads, num_kv_heads)
 
     def store(self, key, value, k_cache, v_cache, md: AttentionMetadata) -> None:
         self._store(key, value, k_cache, v_cache, md.slot_mapping)
 
     def attend(self, query, k_cache, v_cache, md: AttentionMetadata, scale: float) -> torch.Tensor:
         if md.decode_only:
-            return self._decode(query, k_cache, v_cache, md.seq_lens, md.block_tables, scale,
-                                self.max_model_len)
+            shared = md.shared
+            return self._decode(query, k_cache, v_cache, md.seq_lens, md.block_tables, scale, self.max_model_len,
+                                **({} if shared is None else vars(shared)))
         return self._mixed(query, k_cache, v_cache, md.cu_seqlens_q, md.seq_lens, md.block_tables, scale,
                            md.max_query_len, md.max_seq_len)
 

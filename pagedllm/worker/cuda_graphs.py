@@ -12,6 +12,8 @@ the larger ones' memory:
           rows, so their programs exit at once).
 Padding tokens store nothing (slot -1) and their output rows are never read. Inputs are copied
 into static buffers with one host-to-device transfer of every per-token and per-sequence list.
+Decode graphs also take a cascade-attention plan (worker/shared_prefix.py) of up to MAX_TILES
+tiles; unused tiles have length 0, and a step without a plan zeroes what the last one left.
 """
 
 import logging
@@ -21,7 +23,10 @@ from typing import Callable
 
 import torch
 
-from pagedllm.layers.attention import AttentionMetadata
+import numpy as np
+
+from pagedllm.layers.attention import AttentionMetadata, SharedPrefixes
+from pagedllm.worker.shared_prefix import MAX_TILES, SharedPrefixPlan
 from pagedllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -50,12 +55,19 @@ class _Static:
     cu_mixed: torch.Tensor       # [max seqs + 1] int32
     block_tables: torch.Tensor   # [max seqs, max blocks] int32
     hidden: torch.Tensor         # [max tokens, hidden] the graphs' output
+    shared_lens: torch.Tensor    # [max seqs] int32, cascade plan of decode steps
+    tile_seqs: torch.Tensor      # [MAX_TILES, tile size] int32
+    tile_lens: torch.Tensor      # [MAX_TILES] int32
 
 
 class CudaGraphs:
     def __init__(self, model: torch.nn.Module, hidden_size: int, dtype: torch.dtype, device: torch.device,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int) -> None:
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int,
+                 shared_tile_size: int = 0) -> None:
+        """shared_tile_size: sequences per cascade tile (0: the backend takes no plan)."""
         self.model = model
+        self.shared_tile_size = shared_tile_size
+        self._plan_in_buffers = False
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.decode_sizes = bucket_sizes(DECODE_BATCH_SIZES, max_num_seqs)
@@ -70,7 +82,10 @@ class CudaGraphs:
             cu_decode=torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device),
             cu_mixed=torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device),
             block_tables=torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=device),
-            hidden=torch.zeros(tokens, hidden_size, dtype=dtype, device=device))
+            hidden=torch.zeros(tokens, hidden_size, dtype=dtype, device=device),
+            shared_lens=torch.zeros(max_num_seqs, dtype=torch.int32, device=device),
+            tile_seqs=torch.full((MAX_TILES, max(shared_tile_size, 1)), -1, dtype=torch.int32, device=device),
+            tile_lens=torch.zeros(MAX_TILES, dtype=torch.int32, device=device))
         self.decode: dict[int, torch.cuda.CUDAGraph] = {}
         self.mixed: dict[int, torch.cuda.CUDAGraph] = {}
 
@@ -82,8 +97,11 @@ class CudaGraphs:
         """The model's inputs for one bucket: views of the static buffers."""
         s = self.static
         if kind == "decode":
+            shared = (SharedPrefixes(s.shared_lens[:size], s.tile_seqs, s.tile_lens)
+                      if self.shared_tile_size else None)
             md = AttentionMetadata(s.slot_mapping[:size], s.cu_decode[:size + 1], s.seq_lens[:size],
-                                   s.block_tables[:size], max_query_len=1, max_seq_len=self.max_model_len)
+                                   s.block_tables[:size], max_query_len=1, max_seq_len=self.max_model_len,
+                                   shared=shared)
         else:
             md = AttentionMetadata(s.slot_mapping[:size], s.cu_mixed, s.seq_lens, s.block_tables,
                                    max_query_len=size, max_seq_len=self.max_model_len)
@@ -124,10 +142,11 @@ class CudaGraphs:
     def covers(self, num_tokens: int, num_seqs: int) -> bool:
         return self._pick(num_tokens, num_seqs) is not None
 
-    def run(self, batch, block_tables, fill_pending: Callable) -> torch.Tensor:
+    def run(self, batch, block_tables, plan: SharedPrefixPlan | None, fill_pending: Callable) -> torch.Tensor:
         """Copy the step's inputs into the static buffers, pad, replay; returns the hidden states of
-        the step's real tokens. block_tables: the step's [B, blocks] int32 host array;
-        fill_pending(input_ids, batch) writes the previous step's samples into placeholders."""
+        the step's real tokens. block_tables: the step's [B, blocks] int32 host array; plan: a
+        decode step's cascade plan; fill_pending(input_ids, batch) writes the previous step's
+        samples into placeholders."""
         num_tokens, num_seqs = len(batch.input_ids), len(batch.seq_lens)
         kind, size = self._pick(num_tokens, num_seqs)
         s = self.static
@@ -148,5 +167,25 @@ class CudaGraphs:
             s.cu_mixed[num_seqs + 1:].fill_(num_tokens)
         tables = to_device(block_tables, torch.int32, s.block_tables.device)
         s.block_tables[:num_seqs, :tables.shape[1]].copy_(tables)
+        if kind == "decode":
+            self._set_plan(plan, num_seqs)
         (self.decode if kind == "decode" else self.mixed)[size].replay()
         return s.hidden[:num_tokens]
+
+    def _set_plan(self, plan: SharedPrefixPlan | None, num_seqs: int) -> None:
+        s = self.static
+        if plan is None:
+            if self._plan_in_buffers:
+                s.shared_lens.zero_()
+                s.tile_lens.zero_()
+                self._plan_in_buffers = False
+            return
+        tiles = len(plan.tile_lens)
+        packed = np.concatenate([plan.shared_lens, np.zeros(self.max_num_seqs - num_seqs, np.int32),
+                                 plan.tile_lens, np.zeros(MAX_TILES - tiles, np.int32), plan.tile_seqs.ravel()])
+        lens, tile_lens, tile_seqs = to_device(packed, torch.int32, s.shared_lens.device).split(
+            [self.max_num_seqs, MAX_TILES, plan.tile_seqs.size])
+        s.shared_lens.copy_(lens)
+        s.tile_lens.copy_(tile_lens)
+        s.tile_seqs[:tiles].copy_(tile_seqs.view(tiles, -1))
+        self._plan_in_buffers = True

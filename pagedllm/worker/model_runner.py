@@ -19,12 +19,13 @@ from pagedllm.config import EngineConfig
 from pagedllm.distributed.parallel_state import SINGLE, TPGroup
 from pagedllm.engine.request import PLACEHOLDER
 from pagedllm.engine.scheduler import ScheduledRequest, SchedulerOutput
-from pagedllm.layers.attention import AttentionMetadata, select_backend
+from pagedllm.layers.attention import AttentionMetadata, SharedPrefixes, select_backend
 from pagedllm.models import loader
 from pagedllm.models.registry import model_class
 from pagedllm.worker import memory
 from pagedllm.worker.cuda_graphs import CudaGraphs
 from pagedllm.worker.sampler import Sampler, SamplingRow, prompt_logprobs
+from pagedllm.worker.shared_prefix import SharedPrefixPlan, plan_shared_prefixes
 from pagedllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self._allocated_before_load = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
         self.model = self._load_model(source)
+        attn = self.model.attention_layers()[0]
+        self.shared_tile_size = attn.backend.shared_tile_seqs(attn.num_heads, attn.num_kv_heads)
         self.sampler = Sampler(self.hf_config.vocab_size, config.scheduler.eos_token_ids)
         self.generators: dict[str, torch.Generator] = {}
         self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
@@ -133,7 +136,7 @@ class ModelRunner:
             sched = config.scheduler
             self.graphs = CudaGraphs(self.model, self.hf_config.hidden_size, self.dtype, self.device,
                                      sched.max_num_seqs, sched.max_num_batched_tokens, self.max_model_len,
-                                     self.block_size)
+                                     self.block_size, self.shared_tile_size)
             self.graphs.capture()
 
     # ---- start-up -------------------------------------------------------------------------
@@ -250,15 +253,17 @@ class ModelRunner:
                     b.prompt_rows.extend(range(total - n, total - n + scored))
         return b
 
-    def _tensors(self, b: _Batch):
+    def _tensors(self, b: _Batch, tables: np.ndarray, plan: SharedPrefixPlan | None):
         dev = self.device
         md = AttentionMetadata(
             slot_mapping=to_device(b.slot_mapping, torch.int64, dev),
             cu_seqlens_q=to_device(b.cu_seqlens_q, torch.int32, dev),
             seq_lens=to_device(b.seq_lens, torch.int32, dev),
-            block_tables=to_device(_block_table_array(b.block_tables), torch.int32, dev),
+            block_tables=to_device(tables, torch.int32, dev),
             max_query_len=max(b.cu_seqlens_q[i + 1] - b.cu_seqlens_q[i] for i in range(len(b.seq_lens))),
             max_seq_len=max(b.seq_lens),
+            shared=None if plan is None else SharedPrefixes(*(to_device(a, torch.int32, dev) for a in (
+                plan.shared_lens, plan.tile_seqs, plan.tile_lens))),
         )
         input_ids = to_device(b.input_ids, torch.int64, dev)
         self._fill_pending(input_ids, b)
@@ -323,9 +328,13 @@ class ModelRunner:
         return self.model.compute_logits(hidden[to_device(rows, torch.int64, self.device)])
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
+        tables = _block_table_array(batch.block_tables)
+        plan = None
+        if self.shared_tile_size and len(batch.input_ids) == len(batch.seq_lens):   # a decode step
+            plan = plan_shared_prefixes(tables, np.asarray(batch.seq_lens), self.block_size, self.shared_tile_size)
         if self.graphs is not None and self.graphs.covers(len(batch.input_ids), len(batch.seq_lens)):
-            return self.graphs.run(batch, _block_table_array(batch.block_tables), self._fill_pending)
-        return self.model(*self._tensors(batch))
+            return self.graphs.run(batch, tables, plan, self._fill_pending)
+        return self.model(*self._tensors(batch, tables, plan))
 
     def _sampling_row(self, item: ScheduledRequest) -> SamplingRow:
         request = item.request

@@ -174,41 +174,15 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
-def _decode_split_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
-        part_m_ptr, part_l_ptr, part_acc_ptr, scale_log2,
-        stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (B, kv heads, NUM_SPLITS). A program attends the GROUP query heads of one KV head (padded
-    to BLOCK_H >= 16 rows for tl.dot) to its split of the context and writes the partial row max
-    (log2 domain), softmax denominator and unnormalised output. Splits past the end write nothing."""
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
-    start = split * split_len
-    if start >= seq_len:
-        return
-    end = tl.minimum(start + split_len, seq_len)
-
-    offs_h = tl.arange(0, BLOCK_H)
-    h_valid = offs_h < GROUP
-    head = kv_head * GROUP + offs_h
+@triton.jit
+def _attend_span(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, kv_head, start, end, scale_log2,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 DIM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Online-softmax sweep of every query row of `q` over positions start..end-1 of one block
+    table (all visible: no causal mask). start < end, so every row max is finite afterwards."""
     offs_d = tl.arange(0, DIM_PAD)
     d_valid = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
-                mask=h_valid[:, None] & d_valid[None, :], other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, DIM_PAD], tl.float32)
-    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    # start < end, so the first tile has a visible position and every max is finite after it.
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < end
@@ -226,30 +200,130 @@ def _decode_split_kernel(
                     + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    return m_i, l_i, acc
 
-    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS + split       # [BLOCK_H]
-    tl.store(part_m_ptr + part, m_i, mask=h_valid)
-    tl.store(part_l_ptr + part, l_i, mask=h_valid)
+
+@triton.jit
+def _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, valid, m_i, l_i, acc,
+                    DIM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, DIM_PAD)
+    tl.store(part_m_ptr + part, m_i, mask=valid)
+    tl.store(part_l_ptr + part, l_i, mask=valid)
     tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
-             mask=h_valid[:, None] & d_valid[None, :])
+             mask=valid[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _decode_split_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, shared_lens_ptr, block_tables_ptr,
+        part_m_ptr, part_l_ptr, part_acc_ptr, scale_log2,
+        stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid (B, kv heads, NUM_SPLITS). A program attends the GROUP query heads of one KV head (padded
+    to BLOCK_H >= 16 rows for tl.dot) to its split of the context after the sequence's shared
+    prefix (positions shared_lens[seq].., see _shared_prefix_kernel) and writes the partial row max
+    (log2 domain), softmax denominator and unnormalised output. Splits past the end write nothing."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    shared = tl.load(shared_lens_ptr + seq) if HAS_SHARED else 0
+    split_len = _split_len(seq_len - shared, NUM_SPLITS, BLOCK_N)
+    start = shared + split * split_len
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_valid = offs_h < GROUP
+    head = kv_head * GROUP + offs_h
+    offs_d = tl.arange(0, DIM_PAD)
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+                mask=h_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, DIM_PAD], tl.float32)
+    m_i, l_i, acc = _attend_span(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
+                                 block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, start, end, scale_log2,
+                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                 DIM_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SLOTS + split       # [BLOCK_H]
+    _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, h_valid, m_i, l_i, acc, DIM_PAD, HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _shared_prefix_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, tile_seqs_ptr, tile_lens_ptr,
+        part_m_ptr, part_l_ptr, part_acc_ptr, scale_log2,
+        stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
+        TILE_SEQS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Cascade attention's first level. Grid (tiles, kv heads, PREFIX_SPLITS). A tile is up to
+    TILE_SEQS decoding sequences whose block tables start with the same tile_lens[tile] positions
+    (a cached prefix they share): their query rows (TILE_SEQS x GROUP, row m = sequence m // GROUP,
+    head m % GROUP) sweep that prefix together, so each K/V tile is read once for all of them
+    instead of once per sequence. Partials go to slots NUM_SPLITS.. of each sequence, beside the
+    split kernel's; unused tiles have length 0 and exit."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    prefix_len = tl.load(tile_lens_ptr + tile)
+    split_len = _split_len(prefix_len, PREFIX_SPLITS, BLOCK_N)
+    start = split * split_len
+    if start >= prefix_len:
+        return
+    end = tl.minimum(start + split_len, prefix_len)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    member = offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    seq = tl.load(tile_seqs_ptr + tile * TILE_SEQS + member, mask=member < TILE_SEQS, other=-1)
+    row_valid = seq >= 0
+    offs_d = tl.arange(0, DIM_PAD)
+    q = tl.load(q_ptr + seq.to(tl.int64)[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
+    leader = tl.load(tile_seqs_ptr + tile * TILE_SEQS).to(tl.int64)      # any member's table will do
+    m_i, l_i, acc = _attend_span(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + leader * stride_bt,
+                                 kv_head, start, end, scale_log2,
+                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                 DIM_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SLOTS + NUM_SPLITS + split
+    _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, row_valid, m_i, l_i, acc, DIM_PAD, HEAD_DIM)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-        part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
-        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """Grid (B, heads): rescale each written split by exp2(m_split - m_max) and normalise.
-    A sequence with seq_len 0 has no written split and gets a zero row."""
+        part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, shared_lens_ptr, out_ptr, stride_ob, stride_oh,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
+        SLOTS_PAD: tl.constexpr, HAS_SHARED: tl.constexpr):
+    """Grid (B, heads): rescale each written partial (the splits after the shared prefix, then
+    the shared prefix's splits) by exp2(m_slot - m_max) and normalise. A sequence with seq_len 0
+    has no written partial and gets a zero row."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    s_valid = (offs_s < NUM_SPLITS) & (offs_s * split_len < seq_len)
+    shared = tl.load(shared_lens_ptr + seq) if HAS_SHARED else 0
+    offs_s = tl.arange(0, SLOTS_PAD)
+    split_len = _split_len(seq_len - shared, NUM_SPLITS, BLOCK_N)
+    s_valid = (offs_s < NUM_SPLITS) & (shared + offs_s * split_len < seq_len)
+    if HAS_SHARED:
+        prefix_split = offs_s - NUM_SPLITS
+        prefix_split_len = _split_len(shared, PREFIX_SPLITS, BLOCK_N)
+        s_valid |= (prefix_split >= 0) & (prefix_split < PREFIX_SPLITS) & (prefix_split * prefix_split_len < shared)
     offs_d = tl.arange(0, DIM_PAD)
     d_valid = offs_d < HEAD_DIM
-    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS + offs_s
+    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SLOTS + offs_s
     m = tl.load(part_m_ptr + part, mask=s_valid, other=float("-inf"))
     l = tl.load(part_l_ptr + part, mask=s_valid, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
@@ -286,33 +360,59 @@ def _num_splits(batch: int, num_kv_heads: int, max_model_len: int, device: torch
     return max(1, min(wanted, triton.cdiv(max_model_len, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
 
 
+# Cascade: a tile's query rows (sequences x GROUP heads) fill one tl.dot tile of this height; its
+# prefix is cut into PREFIX_SPLITS pieces so a few tiles still spread over the SMs.
+_SHARED_TILE_ROWS = 64
+_PREFIX_SPLITS = 8
+
+
+def shared_tile_seqs(num_heads: int, num_kv_heads: int) -> int:
+    """How many sequences one shared-prefix tile holds (tile_seqs' row length)."""
+    return max(1, _SHARED_TILE_ROWS // (num_heads // num_kv_heads))
+
+
 def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits: int,
-                             block_n: int, num_warps: int, num_stages: int) -> None:
+                             block_n: int, num_warps: int, num_stages: int, shared_lens=None, tile_seqs=None,
+                             tile_lens=None) -> None:
     batch, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     dim_pad = triton.next_power_of_2(head_dim)
-    part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    has_shared = shared_lens is not None
+    prefix_splits = _PREFIX_SPLITS if has_shared else 0
+    num_slots = num_splits + prefix_splits
+    part_m = torch.empty(batch, num_heads, num_slots, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+    part_acc = torch.empty(batch, num_heads, num_slots, head_dim, dtype=torch.float32, device=query.device)
+    strides = (query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0))
+    shapes = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, GROUP=group, BLOCK_SIZE=k_cache.shape[1],
+                  BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_SLOTS=num_slots,
+                  DOT_PRECISION=_dot_precision(query.dtype))
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, seq_lens, block_tables, part_m, part_l, part_acc, scale * _LOG2E,
-        query.stride(0), query.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(query.dtype),
+        query, k_cache, v_cache, seq_lens, shared_lens if has_shared else seq_lens, block_tables,
+        part_m, part_l, part_acc, scale * _LOG2E, *strides, **shapes,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), HAS_SHARED=has_shared,
         num_warps=num_warps, num_stages=num_stages)
+    if has_shared and tile_lens.shape[0] > 0:
+        tile_size = tile_seqs.shape[1]
+        _shared_prefix_kernel[(tile_lens.shape[0], num_kv_heads, prefix_splits)](
+            query, k_cache, v_cache, block_tables, tile_seqs, tile_lens, part_m, part_l, part_acc,
+            scale * _LOG2E, *strides, **shapes, TILE_SEQS=tile_size,
+            BLOCK_M=max(16, triton.next_power_of_2(tile_size * group)), PREFIX_SPLITS=prefix_splits,
+            num_warps=num_warps, num_stages=num_stages)
     _decode_reduce_kernel[(batch, num_heads)](
-        part_m, part_l, part_acc, seq_lens, out, out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
+        part_m, part_l, part_acc, seq_lens, shared_lens if has_shared else seq_lens, out,
+        out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        PREFIX_SPLITS=prefix_splits, NUM_SLOTS=num_slots, SLOTS_PAD=triton.next_power_of_2(num_slots),
+        HAS_SHARED=has_shared, num_warps=4)
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_model_len: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, shared_lens: torch.Tensor | None = None,
+                     tile_seqs: torch.Tensor | None = None, tile_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention: query [B, num_heads, head_dim], one token per sequence at position
     seq_lens[i] - 1, attending to positions 0..seq_lens[i]-1 of the paged pool.
 
@@ -320,6 +420,12 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     head_dim] in query's dtype; rows with seq_len 0 (batch padding) come out as zeros. Grid and
     scratch depend only on B, head counts and max_model_len (no host sync), so it is CUDA-graph safe.
     max_model_len only sets the split count: a longer sequence is still correct, in longer splits.
+
+    Cascade attention for sequences that share a cached prefix (same leading blocks):
+    tile_seqs [tiles, shared_tile_seqs(...)] int32 lists each tile's sequences (-1 pads), tile_lens
+    [tiles] int32 the positions they share (a multiple of the block size, at most each member's
+    seq_len; 0 for an unused tile), shared_lens [B] int32 each sequence's tile length (0 if in none).
+    The shared positions are read once per tile; the rest of each context as usual.
     """
     if out is None:
         out = torch.empty_like(query)
@@ -328,7 +434,9 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         return out
     assert query.stride(-1) == 1 and out.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert (shared_lens is None) == (tile_seqs is None) == (tile_lens is None)
     num_splits = _num_splits(batch, k_cache.shape[2], max_model_len, query.device)
     _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits,
-                             block_n=64, num_warps=4, num_stages=2)
+                             block_n=64, num_warps=4, num_stages=2, shared_lens=shared_lens,
+                             tile_seqs=tile_seqs, tile_lens=tile_lens)
     return out
