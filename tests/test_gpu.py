@@ -2,6 +2,8 @@
 
 - float32: greedy output token-for-token equal to Hugging Face transformers on the same random
   Qwen3-0.6B weights (Triton kernels + CUDA graphs against HF's own attention).
+- float32 with shared system prompts: the same, with decode steps reading the shared prefixes
+  through cascade attention (tiles of sequences, worker/shared_prefix.py).
 - bfloat16: CUDA-graph decoding equal to eager decoding for the first 32 tokens of several prompts.
 """
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.worker import model_runner
 from tests.conftest import random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -37,14 +40,7 @@ def qwen3_checkpoint(tmp_path_factory):
     return str(path), model
 
 
-def test_float32_greedy_matches_hf(qwen3_checkpoint):
-    path, hf = qwen3_checkpoint
-    prompts = random_prompts(6, 151936, 20, 300, seed=1)
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    llm = LLM(path, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.3, max_num_seqs=16)
-    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    del llm
-    free_gpu()
+def _hf_greedy_check(hf, prompts, ours) -> None:
     hf = hf.cuda().eval()
     for prompt, got in zip(prompts, ours):
         ids = torch.tensor([prompt], device="cuda")
@@ -54,6 +50,39 @@ def test_float32_greedy_matches_hf(qwen3_checkpoint):
         assert got == ref
     hf.cpu()
     free_gpu()
+
+
+def test_float32_greedy_matches_hf(qwen3_checkpoint):
+    path, hf = qwen3_checkpoint
+    prompts = random_prompts(6, 151936, 20, 300, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    llm = LLM(path, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.3, max_num_seqs=16)
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    del llm
+    free_gpu()
+    _hf_greedy_check(hf, prompts, ours)
+
+
+def test_float32_cascade_decode_matches_hf(qwen3_checkpoint, monkeypatch):
+    """Two system prompts of 320 tokens x 3 requests; the second round finds them cached."""
+    path, hf = qwen3_checkpoint
+    systems = random_prompts(2, 151936, 320, 320, seed=4)
+    prompts = [systems[i % 2] + tail for i, tail in enumerate(random_prompts(6, 151936, 5, 60, seed=5))]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    plans = []
+
+    def recording(*args, **kwargs):
+        plans.append(plan_shared_prefixes(*args, **kwargs))
+        return plans[-1]
+    plan_shared_prefixes = model_runner.plan_shared_prefixes
+    monkeypatch.setattr(model_runner, "plan_shared_prefixes", recording)
+    llm = LLM(path, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.3, max_num_seqs=16)
+    rounds = [[o.outputs[0].token_ids for o in llm.generate(prompts, params)] for _ in range(2)]
+    del llm
+    free_gpu()
+    assert rounds[0] == rounds[1]
+    assert any(p is not None and p.tile_lens.max() == 320 for p in plans)
+    _hf_greedy_check(hf, prompts, rounds[0])
 
 
 def test_bf16_cuda_graphs_match_eager(qwen3_checkpoint):
