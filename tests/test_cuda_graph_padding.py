@@ -29,10 +29,10 @@ def _with_eager_buckets(llm: LLM) -> list[EagerBucket]:
                         sched.max_num_seqs, sched.max_num_batched_tokens, runner.max_model_len, runner.block_size,
                         runner.shared_tile_size)
     buckets = []
-    for kind, table in (("decode", graphs.decode), ("mixed", graphs.mixed)):
-        for size in (graphs.decode_sizes if kind == "decode" else graphs.mixed_sizes):
-            table[size] = EagerBucket(graphs, kind, size)
-            buckets.append(table[size])
+    for kind, sizes in graphs.sizes.items():
+        for size in sizes:
+            graphs.graphs[kind][size] = EagerBucket(graphs, kind, size)
+            buckets.append(graphs.graphs[kind][size])
     runner.graphs = graphs
     return buckets
 

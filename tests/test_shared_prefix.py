@@ -1,7 +1,8 @@
-"""Cascade attention for decode steps: the host-side plan (which sequences share which cached
-blocks) and, on CPU with the Triton kernels under the interpreter, the engine end to end: greedy
-outputs with shared-prefix tiles equal the plain torch backend's, eagerly and through the CUDA-graph
-input path (graphs stood in for by eager runs, as in test_cuda_graph_padding.py)."""
+"""Cascade attention: the host-side plan (which decoding sequences share which cached blocks)
+and, on CPU with the Triton kernels under the interpreter, the engine end to end: greedy outputs
+with shared-prefix tiles (in decode steps, and for the single-token sequences of mixed steps) equal
+the plain torch backend's, eagerly and through the CUDA-graph input path (graphs stood in for by
+eager runs, as in test_cuda_graph_padding.py)."""
 
 import numpy as np
 import pytest
@@ -52,6 +53,15 @@ def test_plan_shares_only_blocks_inside_every_context():
     assert plan.shared_lens.tolist() == [20, 20]
 
 
+def test_plan_leaves_out_sequences_of_length_zero():
+    prefix = [1, 2, 3, 4, 5]
+    rows = [prefix + [6], prefix + [7], prefix + [8]]
+    plan = plan_shared_prefixes(_tables(rows), np.array([22, 0, 23]), BS, tile_size=4)
+    assert plan.tile_seqs.tolist() == [[0, 2, -1, -1]]
+    assert plan.shared_lens.tolist() == [20, 0, 20]
+    assert plan_shared_prefixes(_tables(rows), np.array([22, 0, 0]), BS, tile_size=4) is None
+
+
 def test_plan_none_without_enough_sharing():
     alone = _tables([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
     assert plan_shared_prefixes(alone, np.array([20, 20]), BS, 4) is None
@@ -89,9 +99,9 @@ def _use_triton_attention(llm: LLM, plans: list):
     attn = runner.model.attention_layers()[0]
     runner.shared_tile_size = backend.shared_tile_seqs(attn.num_heads, attn.num_kv_heads)
 
-    def recording(*args, **kwargs):
-        plan = plan_shared_prefixes(*args, **kwargs)
-        plans.append(plan)
+    def recording(tables, seq_lens, *args):
+        plan = plan_shared_prefixes(tables, seq_lens, *args)
+        plans.append((plan, bool((seq_lens == 0).any())))    # a mixed step's chunks have length 0 here
         return plan
     return recording
 
@@ -108,11 +118,13 @@ def test_cascade_decode_gives_the_plain_outputs(tiny_models, monkeypatch, graphs
     llm = LLM(path, **kwargs)
     plans = []
     monkeypatch.setattr(model_runner, "plan_shared_prefixes", _use_triton_attention(llm, plans))
-    if graphs:
-        _with_eager_buckets(llm)
+    buckets = _with_eager_buckets(llm) if graphs else []
     for _ in range(2):   # the second round: every system prompt already cached
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == expected
-    used = [p for p in plans if p is not None]
-    assert used and max(p.tile_lens.max() for p in used) == 40
-    assert any((p.shared_lens == 0).any() for p in used)   # sequences in no tile beside tiled ones
+    used = [(p, mixed) for p, mixed in plans if p is not None]
+    assert used and max(p.tile_lens.max() for p, _ in used) == 40
+    assert any((p.shared_lens == 0).any() for p, _ in used)   # sequences in no tile beside tiled ones
+    assert any(mixed for _, mixed in used) and not all(mixed for _, mixed in used)
+    if graphs:
+        assert {"shared", "mixed"} <= {b.kind for b in buckets if b.replays}
     assert_no_leaks(llm)

@@ -149,6 +149,42 @@ def test_paged_attention_mixed(cfg):
     _check(out, ref, dtype)
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], MIXED_CONFIGS[-1]], ids=_ids)
+def test_mixed_step_single_tokens_through_decode_kernels(cfg):
+    """How the Triton backend runs a mixed step: the unified kernel skips sequences of one query
+    token, and decode_attention fills their rows (query_rows = their cu_seqlens_q entries), two of
+    them reading a shared two-block prefix through a cascade tile."""
+    num_heads, kvh, d, block_size, dtype = cfg
+    gen = torch.Generator().manual_seed(6)
+    q_lens = [q for q, _ in MIXED]
+    seq_lens = [q + c for q, c in MIXED]
+    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 7
+    k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, dtype, gen)
+    tables = _block_tables(seq_lens, block_size, num_blocks, gen)
+    tables[8, :2] = tables[6, :2]                # sequences 6 and 8 share their first two blocks
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    single_lens = torch.tensor([n if q == 1 else 0 for q, n in zip(q_lens, seq_lens)], dtype=torch.int32,
+                               device=DEVICE)
+    tile_size = pa_mod.shared_tile_seqs(num_heads, kvh)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)
+    shared = dict(shared_lens=as_tensor([2 * block_size if i in (6, 8) else 0 for i in range(len(MIXED))]),
+                  tile_seqs=as_tensor([[6, 8] + [-1] * (tile_size - 2)]), tile_lens=as_tensor([2 * block_size]))
+    tokens = sum(q_lens)
+    query = torch.randn(tokens, num_heads, d, generator=gen).to(dtype).to(DEVICE)
+    scale = d ** -0.5
+    out = torch.full((tokens, num_heads, d), float("nan"), dtype=dtype, device=DEVICE)
+    pa_mod.paged_attention(query, k_cache, v_cache, cu, lens, tables, scale, max_query_len=max(q_lens),
+                           max_seq_len=max(seq_lens), out=out, skip_single_token=True)
+    single_rows = cu[:-1][single_lens > 0].long()
+    assert out[single_rows].isnan().all()       # left for the decode kernels
+    pa_mod.decode_attention(query, k_cache, v_cache, single_lens, tables, scale, 1024, out=out,
+                            query_rows=cu[:-1], **shared)
+    ref = torch_ref.paged_attention(query.cpu(), k_cache.cpu(), v_cache.cpu(), cu.cpu(), lens.cpu(),
+                                    tables.cpu(), scale)
+    _check(out, ref, dtype)
+
+
 DECODE_LENS = [1, 15, 16, 17, 63, 64, 65, 200, 257, 600, 0, 129]
 
 

@@ -31,7 +31,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor     # [B, max_blocks] int32
     max_query_len: int
     max_seq_len: int
-    shared: SharedPrefixes | None = None   # decode steps only, where the backend reads prefixes once
+    # Triton backend only: cascade plan, and in mixed steps the seq_lens of single-token sequences
+    # (0 for the others), which then go through the decode kernels instead of the unified one
+    shared: SharedPrefixes | None = None
+    single_token_lens: torch.Tensor | None = None   # [B] int32
 
     @property
     def decode_only(self) -> bool:
@@ -72,12 +75,17 @@ class TritonBackend:
         self._store(key, value, k_cache, v_cache, md.slot_mapping)
 
     def attend(self, query, k_cache, v_cache, md: AttentionMetadata, scale: float) -> torch.Tensor:
+        shared = {} if md.shared is None else vars(md.shared)
         if md.decode_only:
-            shared = md.shared
             return self._decode(query, k_cache, v_cache, md.seq_lens, md.block_tables, scale, self.max_model_len,
-                                **({} if shared is None else vars(shared)))
-        return self._mixed(query, k_cache, v_cache, md.cu_seqlens_q, md.seq_lens, md.block_tables, scale,
-                           md.max_query_len, md.max_seq_len)
+                                **shared)
+        singles = md.single_token_lens
+        out = self._mixed(query, k_cache, v_cache, md.cu_seqlens_q, md.seq_lens, md.block_tables, scale,
+                          md.max_query_len, md.max_seq_len, skip_single_token=singles is not None)
+        if singles is not None:
+            self._decode(query, k_cache, v_cache, singles, md.block_tables, scale, self.max_model_len, out=out,
+                         query_rows=md.cu_seqlens_q[:-1], **shared)
+        return out
 
 
 def select_backend(device: str, max_model_len: int):

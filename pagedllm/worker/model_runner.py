@@ -253,7 +253,8 @@ class ModelRunner:
                     b.prompt_rows.extend(range(total - n, total - n + scored))
         return b
 
-    def _tensors(self, b: _Batch, tables: np.ndarray, plan: SharedPrefixPlan | None):
+    def _tensors(self, b: _Batch, tables: np.ndarray, single_lens: np.ndarray | None,
+                 plan: SharedPrefixPlan | None):
         dev = self.device
         md = AttentionMetadata(
             slot_mapping=to_device(b.slot_mapping, torch.int64, dev),
@@ -264,6 +265,7 @@ class ModelRunner:
             max_seq_len=max(b.seq_lens),
             shared=None if plan is None else SharedPrefixes(*(to_device(a, torch.int32, dev) for a in (
                 plan.shared_lens, plan.tile_seqs, plan.tile_lens))),
+            single_token_lens=None if single_lens is None else to_device(single_lens, torch.int32, dev),
         )
         input_ids = to_device(b.input_ids, torch.int64, dev)
         self._fill_pending(input_ids, b)
@@ -329,12 +331,22 @@ class ModelRunner:
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         tables = _block_table_array(batch.block_tables)
-        plan = None
-        if self.shared_tile_size and len(batch.input_ids) == len(batch.seq_lens):   # a decode step
-            plan = plan_shared_prefixes(tables, np.asarray(batch.seq_lens), self.block_size, self.shared_tile_size)
+        single_lens, plan = self._cascade(batch, tables)
         if self.graphs is not None and self.graphs.covers(len(batch.input_ids), len(batch.seq_lens)):
-            return self.graphs.run(batch, tables, plan, self._fill_pending)
-        return self.model(*self._tensors(batch, tables, plan))
+            return self.graphs.run(batch, tables, single_lens, plan, self._fill_pending)
+        return self.model(*self._tensors(batch, tables, single_lens, plan))
+
+    def _cascade(self, batch: _Batch, tables: np.ndarray) -> tuple[np.ndarray | None, SharedPrefixPlan | None]:
+        """Where the backend takes them (Triton): in a mixed step, the lengths of the single-token
+        sequences (they go through the decode kernels); in any step, the cascade plan over those."""
+        if not self.shared_tile_size:
+            return None, None
+        lens = np.asarray(batch.seq_lens, dtype=np.int32)
+        single_lens = None
+        if len(batch.input_ids) != len(batch.seq_lens):
+            single_lens = np.where(np.diff(batch.cu_seqlens_q) == 1, lens, 0).astype(np.int32)
+            lens = single_lens
+        return single_lens, plan_shared_prefixes(tables, lens, self.block_size, self.shared_tile_size)
 
     def _sampling_row(self, item: ScheduledRequest) -> SamplingRow:
         request = item.request

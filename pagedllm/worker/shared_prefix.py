@@ -31,12 +31,17 @@ def plan_shared_prefixes(tables: np.ndarray, seq_lens: np.ndarray, block_size: i
                          tile_size: int) -> SharedPrefixPlan | None:
     """tables [B, W] int32 (rows zero-padded), seq_lens [B]: groups of >= 2 sequences with the same
     first block, each sharing the whole blocks that all its members' tables agree on and that lie
-    inside every member's context. None when no group shares MIN_SHARED_BLOCKS blocks."""
-    _, group_of, counts = np.unique(tables[:, 0], return_inverse=True, return_counts=True)
+    inside every member's context. Sequences with seq_len 0 take no part (a mixed step's chunks of
+    several tokens). None when no group shares MIN_SHARED_BLOCKS blocks."""
+    seq_lens = np.asarray(seq_lens)
+    active = np.flatnonzero(seq_lens > 0)
+    if len(active) < 2:
+        return None
+    _, group_of, counts = np.unique(tables[active, 0], return_inverse=True, return_counts=True)
     if counts.max() < 2:
         return None
-    inside = np.asarray(seq_lens) // block_size          # whole blocks within each context
-    order = np.argsort(group_of, kind="stable")
+    inside = seq_lens // block_size          # whole blocks within each context
+    order = active[np.argsort(group_of, kind="stable")]
     groups = []
     for members in np.split(order, np.cumsum(counts)[:-1]):
         if len(members) < 2:

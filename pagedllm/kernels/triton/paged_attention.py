@@ -58,17 +58,20 @@ def _paged_attention_kernel(
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, MIN_Q_LEN: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     """Grid (query blocks, kv heads). A program takes BLOCK_Q query tokens of one sequence times the
     GROUP query heads of one KV head, folded into BLOCK_M rows (row m = token m // GROUP, head
-    m % GROUP), and sweeps the sequence's KV positions up to its last query's position."""
+    m % GROUP), and sweeps the sequence's KV positions up to its last query's position. Sequences
+    with fewer than MIN_Q_LEN query tokens are left alone (2: single tokens go to decode_attention)."""
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _find_seq(cu_seqlens_q_ptr, num_seqs, pid, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     q_block = pid - (q_start // BLOCK_Q + seq)
-    if q_block * BLOCK_Q >= q_len:      # grid over-provisions by up to one block per sequence
+    # the grid over-provisions by up to one block per sequence
+    if (q_block * BLOCK_Q >= q_len) | (q_len < MIN_Q_LEN):
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len        # cached prefix; query token j sits at context_len + j
@@ -116,7 +119,8 @@ def _paged_attention_kernel(
 
 
 def _paged_attention_launch(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out,
-                            block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+                            block_m: int, block_n: int, num_warps: int, num_stages: int,
+                            skip_single_token: bool = False) -> None:
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -132,13 +136,13 @@ def _paged_attention_launch(query, k_cache, v_cache, cu_seqlens_q, seq_lens, blo
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), GROUP=group,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
+        MIN_Q_LEN=2 if skip_single_token else 1, DOT_PRECISION=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                     scale: float, max_query_len: int, max_seq_len: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, skip_single_token: bool = False) -> torch.Tensor:
     """Causal attention of a mixed batch of prefill chunks and decodes over the paged pool.
 
     query [T, num_heads, head_dim]; k_cache/v_cache [num_blocks, block_size, num_kv_heads, head_dim];
@@ -146,7 +150,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     padded). Returns (or fills `out`) [T, num_heads, head_dim] in query's dtype. Last dims must be
     contiguous. max_query_len picks the tile height (small tiles for decode-only batches);
     max_seq_len is part of the backend interface but not needed here: each program bounds its own
-    KV sweep from seq_lens on the device.
+    KV sweep from seq_lens on the device. skip_single_token leaves the rows of sequences with one
+    query token unwritten (the caller runs them through decode_attention with query_rows).
     """
     if out is None:
         out = torch.empty_like(query)
@@ -159,7 +164,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     # inputs (tests, debugging) take exact-fp32 FMA dots, which spill registers at 64-row tiles.
     block_m = 64 if max_query_len * group > 16 and query.element_size() == 2 else 16
     _paged_attention_launch(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out,
-                            block_m=block_m, block_n=64, num_warps=4, num_stages=2)
+                            block_m=block_m, block_n=64, num_warps=4, num_stages=2,
+                            skip_single_token=skip_single_token)
     return out
 
 
@@ -215,17 +221,18 @@ def _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, valid, m_i, l_i,
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, shared_lens_ptr, block_tables_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, shared_lens_ptr, q_rows_ptr, block_tables_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr, scale_log2,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ROWS: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Grid (B, kv heads, NUM_SPLITS). A program attends the GROUP query heads of one KV head (padded
     to BLOCK_H >= 16 rows for tl.dot) to its split of the context after the sequence's shared
     prefix (positions shared_lens[seq].., see _shared_prefix_kernel) and writes the partial row max
-    (log2 domain), softmax denominator and unnormalised output. Splits past the end write nothing."""
+    (log2 domain), softmax denominator and unnormalised output. Splits past the end write nothing.
+    The query is row q_rows[seq] of q with HAS_ROWS (a mixed step's single tokens), else row seq."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -241,7 +248,8 @@ def _decode_split_kernel(
     h_valid = offs_h < GROUP
     head = kv_head * GROUP + offs_h
     offs_d = tl.arange(0, DIM_PAD)
-    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+    row = tl.load(q_rows_ptr + seq) if HAS_ROWS else seq
+    q = tl.load(q_ptr + row.to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
                 mask=h_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     q = q.to(k_cache_ptr.dtype.element_ty)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -257,12 +265,12 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _shared_prefix_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, tile_seqs_ptr, tile_lens_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, q_rows_ptr, block_tables_ptr, tile_seqs_ptr, tile_lens_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr, scale_log2,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
         TILE_SEQS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_ROWS: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Cascade attention's first level. Grid (tiles, kv heads, PREFIX_SPLITS). A tile is up to
     TILE_SEQS decoding sequences whose block tables start with the same tile_lens[tile] positions
@@ -286,7 +294,8 @@ def _shared_prefix_kernel(
     seq = tl.load(tile_seqs_ptr + tile * TILE_SEQS + member, mask=member < TILE_SEQS, other=-1)
     row_valid = seq >= 0
     offs_d = tl.arange(0, DIM_PAD)
-    q = tl.load(q_ptr + seq.to(tl.int64)[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+    row = tl.load(q_rows_ptr + seq, mask=row_valid, other=0) if HAS_ROWS else seq
+    q = tl.load(q_ptr + row.to(tl.int64)[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     q = q.to(k_cache_ptr.dtype.element_ty)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -303,16 +312,20 @@ def _shared_prefix_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-        part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, shared_lens_ptr, out_ptr, stride_ob, stride_oh,
+        part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, shared_lens_ptr, q_rows_ptr, out_ptr, stride_ob,
+        stride_oh,
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
-        SLOTS_PAD: tl.constexpr, HAS_SHARED: tl.constexpr):
+        SLOTS_PAD: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ROWS: tl.constexpr):
     """Grid (B, heads): rescale each written partial (the splits after the shared prefix, then
     the shared prefix's splits) by exp2(m_slot - m_max) and normalise. A sequence with seq_len 0
-    has no written partial and gets a zero row."""
+    has no written partial and gets a zero row, unless HAS_ROWS (its row is another kernel's)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
+    if HAS_ROWS:
+        if seq_len == 0:
+            return
     shared = tl.load(shared_lens_ptr + seq) if HAS_SHARED else 0
     offs_s = tl.arange(0, SLOTS_PAD)
     split_len = _split_len(seq_len - shared, NUM_SPLITS, BLOCK_N)
@@ -333,7 +346,8 @@ def _decode_reduce_kernel(
     w = tl.where(s_valid, tl.exp2(m - m_max), 0.0)
     denom = tl.sum(l * w, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+    row = tl.load(q_rows_ptr + seq) if HAS_ROWS else seq
+    tl.store(out_ptr + row.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=d_valid)
 
 
@@ -373,53 +387,58 @@ def shared_tile_seqs(num_heads: int, num_kv_heads: int) -> int:
 
 def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits: int,
                              block_n: int, num_warps: int, num_stages: int, shared_lens=None, tile_seqs=None,
-                             tile_lens=None) -> None:
-    batch, num_heads, head_dim = query.shape
+                             tile_lens=None, query_rows=None) -> None:
+    batch = seq_lens.shape[0]
+    num_heads, head_dim = query.shape[1:]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     dim_pad = triton.next_power_of_2(head_dim)
-    has_shared = shared_lens is not None
+    has_shared, has_rows = shared_lens is not None, query_rows is not None
     prefix_splits = _PREFIX_SPLITS if has_shared else 0
     num_slots = num_splits + prefix_splits
     part_m = torch.empty(batch, num_heads, num_slots, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(batch, num_heads, num_slots, head_dim, dtype=torch.float32, device=query.device)
+    shared_lens = shared_lens if has_shared else seq_lens        # unread without HAS_SHARED / HAS_ROWS
+    query_rows = query_rows if has_rows else seq_lens
     strides = (query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0))
     shapes = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, GROUP=group, BLOCK_SIZE=k_cache.shape[1],
-                  BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_SLOTS=num_slots,
+                  BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_SLOTS=num_slots, HAS_ROWS=has_rows,
                   DOT_PRECISION=_dot_precision(query.dtype))
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, seq_lens, shared_lens if has_shared else seq_lens, block_tables,
+        query, k_cache, v_cache, seq_lens, shared_lens, query_rows, block_tables,
         part_m, part_l, part_acc, scale * _LOG2E, *strides, **shapes,
         BLOCK_H=max(16, triton.next_power_of_2(group)), HAS_SHARED=has_shared,
         num_warps=num_warps, num_stages=num_stages)
     if has_shared and tile_lens.shape[0] > 0:
         tile_size = tile_seqs.shape[1]
         _shared_prefix_kernel[(tile_lens.shape[0], num_kv_heads, prefix_splits)](
-            query, k_cache, v_cache, block_tables, tile_seqs, tile_lens, part_m, part_l, part_acc,
+            query, k_cache, v_cache, query_rows, block_tables, tile_seqs, tile_lens, part_m, part_l, part_acc,
             scale * _LOG2E, *strides, **shapes, TILE_SEQS=tile_size,
             BLOCK_M=max(16, triton.next_power_of_2(tile_size * group)), PREFIX_SPLITS=prefix_splits,
             num_warps=num_warps, num_stages=num_stages)
     _decode_reduce_kernel[(batch, num_heads)](
-        part_m, part_l, part_acc, seq_lens, shared_lens if has_shared else seq_lens, out,
-        out.stride(0), out.stride(1),
+        part_m, part_l, part_acc, seq_lens, shared_lens, query_rows, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         PREFIX_SPLITS=prefix_splits, NUM_SLOTS=num_slots, SLOTS_PAD=triton.next_power_of_2(num_slots),
-        HAS_SHARED=has_shared, num_warps=4)
+        HAS_SHARED=has_shared, HAS_ROWS=has_rows, num_warps=4)
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_model_len: int,
                      out: torch.Tensor | None = None, shared_lens: torch.Tensor | None = None,
-                     tile_seqs: torch.Tensor | None = None, tile_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode attention: query [B, num_heads, head_dim], one token per sequence at position
-    seq_lens[i] - 1, attending to positions 0..seq_lens[i]-1 of the paged pool.
+                     tile_seqs: torch.Tensor | None = None, tile_lens: torch.Tensor | None = None,
+                     query_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention: one query token per sequence at position seq_lens[i] - 1, attending to
+    positions 0..seq_lens[i]-1 of the paged pool.
 
-    seq_lens [B] int32, block_tables [B, max_blocks] int32. Returns (or fills `out`) [B, num_heads,
-    head_dim] in query's dtype; rows with seq_len 0 (batch padding) come out as zeros. Grid and
-    scratch depend only on B, head counts and max_model_len (no host sync), so it is CUDA-graph safe.
-    max_model_len only sets the split count: a longer sequence is still correct, in longer splits.
+    query [B, num_heads, head_dim], or [T, ...] with query_rows [B] int32 naming each sequence's row
+    (a mixed step's single-token sequences; the other sequences get seq_len 0 and are not written).
+    seq_lens [B] int32, block_tables [B, max_blocks] int32. Returns (or fills `out`) in query's shape
+    and dtype; rows with seq_len 0 (batch padding) come out as zeros. Grid and scratch depend only on
+    B, head counts and max_model_len (no host sync), so it is CUDA-graph safe. max_model_len only sets
+    the split count: a longer sequence is still correct, in longer splits.
 
     Cascade attention for sequences that share a cached prefix (same leading blocks):
     tile_seqs [tiles, shared_tile_seqs(...)] int32 lists each tile's sequences (-1 pads), tile_lens
@@ -429,7 +448,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """
     if out is None:
         out = torch.empty_like(query)
-    batch, _, head_dim = query.shape
+    batch = seq_lens.shape[0]
     if batch == 0:
         return out
     assert query.stride(-1) == 1 and out.stride(-1) == 1
@@ -438,5 +457,5 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     num_splits = _num_splits(batch, k_cache.shape[2], max_model_len, query.device)
     _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits,
                              block_n=64, num_warps=4, num_stages=2, shared_lens=shared_lens,
-                             tile_seqs=tile_seqs, tile_lens=tile_lens)
+                             tile_seqs=tile_seqs, tile_lens=tile_lens, query_rows=query_rows)
     return out
