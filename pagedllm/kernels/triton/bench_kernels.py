@@ -1,6 +1,6 @@
 """Microbenchmark of the Triton attention and sampling kernels on one GPU (Qwen3-0.6B shapes).
 
-  python3 pagedllm/kernels/triton/bench_kernels.py [--out LOG]
+  python3 pagedllm/kernels/triton/bench_kernels.py [--out LOG] [--only decode|prefill|sampler|cascade ...]
 
 (a) decode_attention, 16 heads / 8 kv heads / head_dim 128, bf16, block 16: batch 256 at context
     1000 and batch 1 at 512 and 4096. Reports achieved GB/s of K/V read (each context token's K and V
@@ -13,7 +13,11 @@ before every call); 'graph' is a CUDA-graph replay (launch overhead removed, L2 
 (c) sample_tokens on bf16 logits of vocab 151936 at batch 1, 64 and 256, temperature 0.6, against
     the torch ops it replaces (upcast, / T, softmax, exponential_, p / q, argmax); GB/s of logits
     read once. The 'greedy' row (temperature 0: no Philox) is the kernel's pure-bandwidth floor.
-
+(d) cascade decode: B sequences on a few 768-token system prompts (contexts ~1,030-1,100), three
+    ways: every sequence with its own blocks, the prefix blocks shared (each sequence still reads
+    them; the L2 cache may serve repeats), and shared with a cascade plan (worker/shared_prefix.py)
+    so each prefix is read once per tile of sequences. TB/s = K/V bytes if every sequence read its
+    whole context / time.
 Measured on an H100 80GB HBM3 (torch 2.11, triton 3.6, 1 GiB copy = 3.0 TB/s read+write):
   decode B=256 ctx 1000: 384 us eager / 370 us graph = 2.73 TB/s of K/V, 91% of copy bandwidth;
   B=1 ctx 4096: 9.3 us graph (64 splits; 1 split: 101 us); B=1 ctx 512: 6.2 us graph (launch-bound).
@@ -215,6 +219,62 @@ def bench_sampler(log, copy_gbs):
     return rows
 
 
+CASCADE_SHAPES = [(100, 10, 1100), (200, 4, 1030), (256, 8, 1024)]   # (batch, system prompts, context)
+CASCADE_PREFIX = 768
+
+
+def _cascade_inputs(batch, prompts, ctx, layout):
+    """Pool and block tables; sequence i is on system prompt i % prompts unless layout is 'unique'."""
+    prefix_blocks, blocks = CASCADE_PREFIX // BLOCK, math.ceil(ctx / BLOCK)
+    num_blocks = prompts * prefix_blocks + batch * blocks
+    perm = torch.randperm(num_blocks).to(torch.int32)
+    table = torch.empty(batch, blocks, dtype=torch.int32)
+    own = iter(perm[prompts * prefix_blocks:].split(blocks if layout == "unique" else blocks - prefix_blocks))
+    for i in range(batch):
+        if layout == "unique":
+            table[i] = next(own)
+        else:
+            p = i % prompts
+            table[i] = torch.cat([perm[p * prefix_blocks:(p + 1) * prefix_blocks], next(own)])
+    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    return k_cache, torch.randn_like(k_cache), table
+
+
+def bench_cascade(log):
+    import numpy as np
+
+    from pagedllm.worker.shared_prefix import plan_shared_prefixes
+    rows = []
+    scale = HEAD_DIM ** -0.5
+    for batch, prompts, ctx in CASCADE_SHAPES:
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+        query = torch.randn(batch, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        kv_bytes = batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2
+        for layout in ("unique", "shared", "cascade"):
+            k_cache, v_cache, table = _cascade_inputs(batch, prompts, ctx, layout)
+            plan = {}
+            if layout == "cascade":
+                found = plan_shared_prefixes(table.numpy(), np.full(batch, ctx), BLOCK,
+                                             pa.shared_tile_seqs(HEADS, KV_HEADS))
+                plan = {name: torch.from_numpy(getattr(found, name)).to(DEVICE)
+                        for name in ("shared_lens", "tile_seqs", "tile_lens")}
+            table = table.to(DEVICE)
+            out, ref = torch.empty_like(query), torch.empty_like(query)
+            pa.decode_attention(query, k_cache, v_cache, seq_lens, table, scale, 4096, out=ref)
+
+            def fn():
+                pa.decode_attention(query, k_cache, v_cache, seq_lens, table, scale, 4096, out=out, **plan)
+            fn()
+            ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+            graph_ms = do_bench_cudagraph(fn, rep=100, return_mode="median")
+            row = dict(batch=batch, prompts=prompts, ctx=ctx, layout=layout, us=ms * 1e3, graph_us=graph_ms * 1e3,
+                       tbs=kv_bytes / graph_ms / 1e9, err=_rel_err(out, ref),
+                       tiles=len(plan["tile_lens"]) if plan else 0)
+            log(f"cascade {row}")
+            rows.append(row)
+    return rows
+
+
 def copy_bandwidth():
     """Device-to-device copy of 1 GiB, bytes read + written per second (the practical ceiling)."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
@@ -226,7 +286,10 @@ def copy_bandwidth():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="also write the log here")
+    parser.add_argument("--only", action="append", choices=["decode", "prefill", "sampler", "cascade"],
+                        help="run only these parts (default: all)")
     args = parser.parse_args()
+    parts = set(args.only or ["decode", "prefill", "sampler", "cascade"])
     sink = open(args.out, "w") if args.out else None
 
     def log(line):
@@ -239,22 +302,15 @@ def main():
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     copy_gbs = copy_bandwidth()
     log(f"copy bandwidth {copy_gbs:.0f} GB/s")
-    try:
-        decode = bench_decode(log, copy_gbs)
-    except Exception as e:
-        log(f"decode FAILED {type(e).__name__}: {e}")
-        decode = []
-    try:
-        prefill = bench_prefill(log)
-    except Exception as e:  # keep the decode table if SDPA or setup fails
-        log(f"prefill FAILED {type(e).__name__}: {e}")
-        prefill = []
-
-    try:
-        sample = bench_sampler(log, copy_gbs)
-    except Exception as e:
-        log(f"sampler FAILED {type(e).__name__}: {e}")
-        sample = []
+    results = {}
+    for name, fn in (("decode", lambda: bench_decode(log, copy_gbs)), ("prefill", lambda: bench_prefill(log)),
+                     ("sampler", lambda: bench_sampler(log, copy_gbs)), ("cascade", lambda: bench_cascade(log))):
+        try:   # a failing part is reported and the others' tables still printed
+            results[name] = fn() if name in parts else []
+        except Exception as e:
+            log(f"{name} FAILED {type(e).__name__}: {e}")
+            results[name] = []
+    decode, prefill, sample, cascade = (results[n] for n in ("decode", "prefill", "sampler", "cascade"))
 
     log("\n== decode_attention (Qwen3-0.6B 16/8 x 128, bf16, block 16, max_model_len %d) ==" % MAX_MODEL_LEN)
     log(f"{'B':>4} {'ctx':>5} {'splits':>6} {'block_n/warps/stages':>21} {'us':>8} {'graph us':>9} "
@@ -283,6 +339,12 @@ def main():
         what = w if isinstance(w, str) else f"{w['block']}/{w['num_warps']}" + (" *" if r["default"] else "  ")
         log(f"{r['batch']:>4} {what:>16} {r['us']:>8.1f} {r['graph_us']:>9.1f} {r['gbs']:>7.0f} "
             f"{100 * r['frac']:>6.0f}% {str(r['greedy_ok']):>9}")
+    log(f"\n== cascade decode ({CASCADE_PREFIX}-token system prompts, bf16, block {BLOCK}) ==")
+    log(f"{'B':>4} {'prompts':>7} {'ctx':>5} {'layout':>8} {'tiles':>5} {'us':>8} {'graph us':>9} {'TB/s':>6} "
+        f"{'rel err':>8}")
+    for r in cascade:
+        log(f"{r['batch']:>4} {r['prompts']:>7} {r['ctx']:>5} {r['layout']:>8} {r['tiles']:>5} {r['us']:>8.1f} "
+            f"{r['graph_us']:>9.1f} {r['tbs']:>6.2f} {r['err']:>8.1e}")
     log("(* = what the public function picks; decode config = block_n/warps/stages, prefill = block_m/block_n/warps/stages,\n sampler = block/warps; 'paged_attention' = the decode batch through the mixed kernel)")
 
 
