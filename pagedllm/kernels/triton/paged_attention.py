@@ -31,6 +31,40 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@triton.jit
+def _attend_span(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, kv_head, start, end, scale_log2,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 DIM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax sweep of every query row of `q` over positions start..end-1 of one block
+    table; with CAUSAL, row r sees only positions <= q_pos[r] (q_pos is unread otherwise). If the
+    span is not empty, every row must see a position of its first tile: each row max is then finite
+    afterwards and l_i >= 1, so no -inf/-inf or 0/0 guards are needed."""
+    offs_d = tl.arange(0, DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < end
+        block = tl.load(block_table + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
+        slot = offs_n % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + (block * stride_kb + slot * stride_ks + kv_head * stride_kh)[None, :]
+                    + offs_d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        if CAUSAL:
+            s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
+        else:
+            s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + (block * stride_vb + slot * stride_vs + kv_head * stride_vh)[:, None]
+                    + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
 # --------------------------------------------------------------------------------------------
 # Mixed prefill/decode kernel
 # --------------------------------------------------------------------------------------------
@@ -92,26 +126,17 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # Positions before the block's first query token are visible to all its rows: no causal mask
+    # there. Then the diagonal part, up to the last query token, with it (its first position is
+    # visible to every row).
+    diagonal = context_len + q_block * BLOCK_Q
     kv_end = context_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
-    # Position 0 is visible to every row, so each row's max is finite after the first tile and
-    # l_i >= 1 at the end: no -inf/-inf or 0/0 guards needed.
-    for start_n in range(0, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < kv_end
-        block = tl.load(block_table + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
-        slot = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + (block * stride_kb + slot * stride_ks + kv_head * stride_kh)[None, :]
-                    + offs_d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + (block * stride_vb + slot * stride_vs + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_span(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, kv_head, 0,
+                                 diagonal, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                 stride_vh, DIM_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
+    m_i, l_i, acc = _attend_span(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, kv_head, diagonal,
+                                 kv_end, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                 stride_vh, DIM_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -181,35 +206,6 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _attend_span(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, kv_head, start, end, scale_log2,
-                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                 DIM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """Online-softmax sweep of every query row of `q` over positions start..end-1 of one block
-    table (all visible: no causal mask). start < end, so every row max is finite afterwards."""
-    offs_d = tl.arange(0, DIM_PAD)
-    d_valid = offs_d < HEAD_DIM
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < end
-        block = tl.load(block_table + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
-        slot = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + (block * stride_kb + slot * stride_ks + kv_head * stride_kh)[None, :]
-                    + offs_d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + (block * stride_vb + slot * stride_vs + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, valid, m_i, l_i, acc,
                     DIM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_d = tl.arange(0, DIM_PAD)
@@ -255,10 +251,10 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, DIM_PAD], tl.float32)
-    m_i, l_i, acc = _attend_span(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
+    m_i, l_i, acc = _attend_span(q, start, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
                                  block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, start, end, scale_log2,
                                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                 DIM_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+                                 DIM_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
     part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SLOTS + split       # [BLOCK_H]
     _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, h_valid, m_i, l_i, acc, DIM_PAD, HEAD_DIM)
 
@@ -302,10 +298,10 @@ def _shared_prefix_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
     leader = tl.load(tile_seqs_ptr + tile * TILE_SEQS).to(tl.int64)      # any member's table will do
-    m_i, l_i, acc = _attend_span(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + leader * stride_bt,
-                                 kv_head, start, end, scale_log2,
+    m_i, l_i, acc = _attend_span(q, start, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
+                                 block_tables_ptr + leader * stride_bt, kv_head, start, end, scale_log2,
                                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                 DIM_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+                                 DIM_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
     part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SLOTS + NUM_SPLITS + split
     _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, row_valid, m_i, l_i, acc, DIM_PAD, HEAD_DIM)
 
