@@ -127,9 +127,10 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     # Positions before the block's first query token are visible to all its rows: no causal mask
-    # there. Then the diagonal part, up to the last query token, with it (its first position is
-    # visible to every row).
-    diagonal = context_len + q_block * BLOCK_Q
+    # there. Then the diagonal part, up to the last query token, with it. The split is rounded down
+    # to a whole tile, so the two sweeps take no more tiles than one would (and the diagonal
+    # sweep's first position is visible to every row).
+    diagonal = (context_len + q_block * BLOCK_Q) // BLOCK_N * BLOCK_N
     kv_end = context_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
     m_i, l_i, acc = _attend_span(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, kv_head, 0,
                                  diagonal, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
