@@ -22,8 +22,9 @@ Measured on an H100 80GB HBM3 (torch 2.11, triton 3.6, 1 GiB copy = 3.0 TB/s rea
   decode B=256 ctx 1000: 384 us eager / 370 us graph = 2.73 TB/s of K/V, 91% of copy bandwidth;
   B=1 ctx 4096: 9.3 us graph (64 splits; 1 split: 101 us); B=1 ctx 512: 6.2 us graph (launch-bound).
   Eager B=1 times are host-launch-bound and noisy. The mixed kernel on the B=256 decode batch: 386 us.
-  prefill 8x512: 69 us = 126 TFLOP/s (SDPA flash on dense data: 38 us); 2x4096: 599 us = 229 TFLOP/s
-  (SDPA: 265 us). Tile configs in the sweeps were within ~5% of the defaults.
+  prefill 8x512: 66 us = 131 TFLOP/s (SDPA flash on dense data: 38 us); 2x4096: 506 us = 272 TFLOP/s
+  (SDPA: 270 us); before the causal mask was limited to the diagonal tiles (commit 715b59c): 68 and
+  604 us. Tile configs in the sweeps were within ~5% of the defaults.
   sample_tokens, vocab 151936 bf16: B=256 75 us eager / 69 us graph (torch ops: 783 / 769 us; the
   greedy, Philox-free floor 45 / 33 us); B=64 27 / 20 us (torch 243 / 231); B=1 9.1 / 3.6 us (torch 71 / 58).
   cascade decode, graph us (own blocks / shared blocks read per sequence / cascade): B=100 on 10
