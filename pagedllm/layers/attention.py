@@ -14,8 +14,8 @@ from pagedllm.kernels import torch_ref
 
 @dataclass
 class SharedPrefixes:
-    """Cascade attention for a decode step: sequences sharing a cached prefix, in tiles (layouts in
-    kernels/triton/paged_attention.decode_attention; planned in worker/shared_prefix.py)."""
+    """Cascade attention for a step's decoding sequences: those sharing a cached prefix, in tiles
+    (layouts in kernels/triton/paged_attention.decode_attention; planned in worker/shared_prefix.py)."""
     shared_lens: torch.Tensor      # [B] int32
     tile_seqs: torch.Tensor        # [tiles, tile size] int32
     tile_lens: torch.Tensor        # [tiles] int32
