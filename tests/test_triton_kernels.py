@@ -124,10 +124,8 @@ MIXED = [(70, 0), (1, 40), (33, 40), (1, 1), (16, 113), (0, 10), (1, 64), (5, 0)
 MIXED_CONFIGS = CONFIGS + [(16, 8, 128, 16, torch.bfloat16), (8, 2, 128, 32, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("cfg", MIXED_CONFIGS, ids=_ids)
-def test_paged_attention_mixed(cfg):
-    num_heads, kvh, d, block_size, dtype = cfg
-    gen = torch.Generator().manual_seed(1)
+def _mixed_batch(block_size, kvh, d, dtype, gen):
+    """The MIXED batch: query lengths, context lengths, pool, block tables, cu_seqlens_q, seq_lens."""
     q_lens = [q for q, _ in MIXED]
     seq_lens = [q + c for q, c in MIXED]
     num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 7
@@ -135,6 +133,14 @@ def test_paged_attention_mixed(cfg):
     tables = _block_tables(seq_lens, block_size, num_blocks, gen)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return q_lens, seq_lens, k_cache, v_cache, tables, cu, lens
+
+
+@pytest.mark.parametrize("cfg", MIXED_CONFIGS, ids=_ids)
+def test_paged_attention_mixed(cfg):
+    num_heads, kvh, d, block_size, dtype = cfg
+    gen = torch.Generator().manual_seed(1)
+    q_lens, seq_lens, k_cache, v_cache, tables, cu, lens = _mixed_batch(block_size, kvh, d, dtype, gen)
     tokens = sum(q_lens)
     # query as a strided view (the q part of a fused qkv tensor)
     qkv = torch.randn(tokens, (num_heads + 2 * kvh) * d, generator=gen).to(dtype).to(DEVICE)
@@ -156,14 +162,8 @@ def test_mixed_step_single_tokens_through_decode_kernels(cfg):
     them reading a shared two-block prefix through a cascade tile."""
     num_heads, kvh, d, block_size, dtype = cfg
     gen = torch.Generator().manual_seed(6)
-    q_lens = [q for q, _ in MIXED]
-    seq_lens = [q + c for q, c in MIXED]
-    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 7
-    k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, dtype, gen)
-    tables = _block_tables(seq_lens, block_size, num_blocks, gen)
+    q_lens, seq_lens, k_cache, v_cache, tables, cu, lens = _mixed_batch(block_size, kvh, d, dtype, gen)
     tables[8, :2] = tables[6, :2]                # sequences 6 and 8 share their first two blocks
-    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     single_lens = torch.tensor([n if q == 1 else 0 for q, n in zip(q_lens, seq_lens)], dtype=torch.int32,
                                device=DEVICE)
     tile_size = pa_mod.shared_tile_seqs(num_heads, kvh)
