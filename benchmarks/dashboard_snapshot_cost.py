@@ -1,5 +1,5 @@
-"""What one dashboard poll costs the engine: `engine_snapshot` (run on the engine thread) and its
-JSON encoding (on the event loop, competing for the GIL), on realistic pools.
+"""What one dashboard poll costs the engine: `engine_snapshot` (run by the engine core between two
+steps) and its JSON encoding, on realistic pools.
 
     python benchmarks/dashboard_snapshot_cost.py
 
@@ -16,7 +16,6 @@ import time
 from types import SimpleNamespace
 
 from pagedllm.config import SchedulerConfig
-from pagedllm.engine.engine import EngineStats
 from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import Scheduler
@@ -54,12 +53,12 @@ def busy_engine(num_blocks: int, num_running: int, num_waiting: int, block_size:
     for i in range(num_waiting):
         scheduler.waiting.append(Request(f"wait-{i}", [1] * 300, params, 1024))
     model = SimpleNamespace(max_model_len=4096, dtype="bfloat16")
-    runner = SimpleNamespace(capacity={"kv_bytes_per_token": 114688, "num_blocks": num_blocks,
-                                       "block_size": block_size, "pool_bytes": num_blocks * block_size * 114688,
-                                       "token_capacity": num_blocks * block_size,
-                                       "max_concurrency_at_max_model_len": num_blocks / 256})
-    return SimpleNamespace(kv_cache=kv, scheduler=scheduler, stats=EngineStats(),
-                           config=SimpleNamespace(model=model), model_runner=runner)
+    executor = SimpleNamespace(capacity={"kv_bytes_per_token": 114688, "num_blocks": num_blocks,
+                                         "block_size": block_size, "pool_bytes": num_blocks * block_size * 114688,
+                                         "token_capacity": num_blocks * block_size,
+                                         "max_concurrency_at_max_model_len": num_blocks / 256})
+    return SimpleNamespace(kv_cache=kv, scheduler=scheduler, config=SimpleNamespace(model=model), executor=executor,
+                           prompt_tokens=0, generation_tokens=0, finished={}, num_steps=0, step_time=0.0)
 
 
 def timeit(fn, min_time: float = 0.5) -> float:

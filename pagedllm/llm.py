@@ -4,8 +4,8 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.engine_args import EngineArgs
+from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -13,17 +13,32 @@ PromptType = str | list[int] | dict
 
 
 class LLM:
-    """vLLM-compatible offline inference. With no model, the bundled SmolLM2-135M-Instruct GGUF."""
+    """vLLM-compatible offline inference. With no model, the bundled SmolLM2-135M-Instruct GGUF.
+
+    The engine core runs in this process unless core_process=True puts it in its own. shutdown()
+    (or leaving a `with LLM(...) as llm:` block, or dropping the last reference) stops it and any
+    tensor-parallel workers, so another LLM can be built in the same process."""
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
-        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
+        self.llm_engine = None
+        self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self.llm_engine.tokenizer
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel worker processes now (they also stop when this process exits)."""
-        self.engine.shutdown()
+        """Stop the engine core and the tensor-parallel workers now (idempotent)."""
+        if self.llm_engine is not None:
+            self.llm_engine.shutdown()
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -35,14 +50,14 @@ class LLM:
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):
-                request_id = self.engine.new_request_id()
+                request_id = self.llm_engine.new_request_id()
                 text, tokens = _split_prompt(prompt)
-                self.engine.add_request(request_id, tokens if tokens is not None else text,
+                self.llm_engine.add_request(request_id, tokens if tokens is not None else text,
                                         _final_only(params), prompt_text=text)
                 ids.append(request_id)
         except ValueError:
             for request_id in ids:
-                self.engine.abort_request(request_id)
+                self.llm_engine.abort_request(request_id)
             raise
         return self._run(ids, use_tqdm)
 
@@ -62,8 +77,8 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
+        while self.llm_engine.has_unfinished_requests():
+            for output in self.llm_engine.step():
                 if output.finished:
                     results[output.request_id] = output
                     bar.update(1)

@@ -63,9 +63,14 @@ def random_prompts(num: int, vocab: int, min_len: int, max_len: int, seed: int =
 
 
 def assert_no_leaks(llm) -> None:
-    """Every block is free (cached-but-free counts as free) and the pool's invariants hold."""
-    kv = llm.engine.kv_cache
-    kv.pool.check_invariants()
-    assert kv.num_free_blocks == kv.num_blocks, f"{kv.num_blocks - kv.num_free_blocks} blocks leaked"
-    assert not llm.engine.has_unfinished_requests()
-    assert not llm.engine.states
+    """Every block is free (cached-but-free counts as free) and the pool's invariants hold (the
+    engine core checks them)."""
+    kv = llm.llm_engine.kv_cache_state()
+    assert kv["num_free_blocks"] == kv["num_blocks"], f"{kv['num_blocks'] - kv['num_free_blocks']} blocks leaked"
+    assert kv["num_unfinished"] == 0
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def core_of(llm):
+    """The EngineCore of an LLM whose core runs in this process (white-box tests)."""
+    return llm.llm_engine.engine_core.core

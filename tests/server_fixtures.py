@@ -18,8 +18,6 @@ MODEL = "smollm2"
 MAX_MODEL_LEN = 2048
 
 
-
-
 @dataclass
 class Server:
     url: str
@@ -98,25 +96,42 @@ def _serve():
             proc.wait()
 
 
-class StandInEngine:
-    """What AsyncLLMEngine needs of an engine, without a model: requests wait in `pending`
-    (id -> steps taken) until a subclass's step() serves them."""
+def descendants(pid: int) -> set[int]:
+    """Every living process below pid (from /proc: children of children too)."""
+    from pathlib import Path
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
 
-    def __init__(self) -> None:
-        from types import SimpleNamespace
-        self.config = SimpleNamespace(model=SimpleNamespace(model="fake", served_model_name=None, max_model_len=64))
-        self.tokenizer = None
-        self.vocab_size = 100
-        self.states, self.pending, self.failed_requests = {}, {}, set()
 
-    def shutdown(self, graceful=True):
-        pass
+def alive(pid: int) -> bool:
+    from pathlib import Path
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
-    def add_request(self, request_id, prompt, params, prompt_text=None, arrival_time=None):
-        self.pending[request_id] = 0
 
-    def has_unfinished_requests(self):
-        return bool(self.pending)
+def wait_gone(pids, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"processes left behind: {[p for p in pids if alive(p)]}"
+        time.sleep(0.2)
 
-    def abort_request(self, request_id):
-        self.pending.pop(request_id, None)
+
+def cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

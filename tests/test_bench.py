@@ -88,7 +88,7 @@ def test_hf_weights_match_greedy(tiny):
     from pagedllm.bench.hf_baseline import build_hf_model
     llm = LLM(model=tiny, load_format="dummy", dtype="float32", device="cpu", kv_cache_memory=16 << 20)
     hf = build_hf_model(llm)
-    ours = llm.engine.model_runner.model
+    ours = llm.llm_engine.model_runner.model
     qkv = ours.model.layers[1].self_attn.qkv_proj.weight
     assert torch.equal(hf.model.layers[1].self_attn.k_proj.weight, qkv[64:96])
     prompt = list(range(3, 20))

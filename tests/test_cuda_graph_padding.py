@@ -23,8 +23,8 @@ class EagerBucket:
 
 
 def _with_eager_buckets(llm: LLM) -> list[EagerBucket]:
-    runner = llm.engine.model_runner
-    sched = llm.engine.config.scheduler
+    runner = llm.llm_engine.model_runner
+    sched = llm.llm_engine.config.scheduler
     graphs = CudaGraphs(runner.model, runner.hf_config.hidden_size, runner.dtype, runner.device,
                         sched.max_num_seqs, sched.max_num_batched_tokens, runner.max_model_len, runner.block_size,
                         runner.shared_tile_size)
@@ -58,5 +58,5 @@ def test_padded_buckets_give_the_eager_outputs(tiny_models):
     assert {kind for kind, _ in used} == {"decode", "mixed"}
     assert any(kind == "decode" and size < 6 for kind, size in used)   # a batch padded up to a bucket
     assert ("mixed", 96) in used and any(kind == "mixed" and size < 96 for kind, size in used)
-    assert llm.engine.kv_cache.prefix_cache_hits > 0
+    assert llm.llm_engine.get_stats()["prefix_cache_hits"] > 0
     assert_no_leaks(llm)

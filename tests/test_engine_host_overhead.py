@@ -1,43 +1,21 @@
-"""The engine's per-step bookkeeping, driven by a model runner that answers at once (no model)."""
+"""The engine's per-step bookkeeping, driven by an executor that answers at once (no model): the
+engine core and the offline front end around it."""
 
 import hashlib
 import random
-from pathlib import Path
 
-from pagedllm.engine.engine import LLMEngine
-from pagedllm.engine.engine_args import EngineArgs
+from engine_fakes import InstantExecutor, dummy_config
+
+from pagedllm.engine.client import InprocClient
+from pagedllm.engine.core import EngineCore
 from pagedllm.engine.kv_cache import hash_block
+from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.worker.model_runner import ModelOutput
-
-CONFIG = str(Path(__file__).parent.parent / "pagedllm" / "data" / "qwen3-0.6b-config.json")
-
-
-class _Done:
-    def __init__(self, out):
-        self.out = out
-
-    def result(self):
-        return self.out
-
-
-class InstantRunner:
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self.rng = random.Random(0)
-
-    def launch(self, sched_out):
-        return _Done(ModelOutput(sampled={item.request.request_id: self.rng.randrange(1000)
-                                          for item in sched_out.scheduled if item.samples}))
-
-    def release(self, request_ids) -> None:
-        pass
 
 
 def _engine(max_num_batched_tokens: int = 256) -> LLMEngine:
-    config, _ = EngineArgs(model=CONFIG, load_format="dummy", max_model_len=1024, device="cpu",
-                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=8).create_config()
-    return LLMEngine(config, InstantRunner(num_blocks=512), None)
+    config = dummy_config(max_num_batched_tokens)
+    return LLMEngine(config, None, InprocClient(EngineCore(config, InstantExecutor(num_blocks=512))))
 
 
 def test_hash_block_bytes_unchanged():
@@ -48,7 +26,7 @@ def test_hash_block_bytes_unchanged():
     assert hash_block(None, [1, 22, 333]) == h.digest()
 
 
-def test_counts_and_outputs_with_instant_runner():
+def test_counts_and_outputs_with_instant_executor():
     engine = _engine()
     rng = random.Random(1)
     prompts = {str(i): [rng.randrange(1000) for _ in range(rng.randint(20, 300))] for i in range(12)}
@@ -75,11 +53,12 @@ def test_counts_and_outputs_with_instant_runner():
             assert [len(t) for t in streamed[request_id][:n]] == [max_tokens] * n
         else:
             assert [len(c.token_ids) for c in outputs] == [max_tokens] * n
-    assert engine.stats.generation_tokens == sum((1 + i % 2) * (5 + i) for i in range(12))
-    assert engine.stats.prompt_tokens >= sum(len(p) for p in prompts.values())
-    assert not engine.states and not engine._owners
-    engine.kv_cache.pool.check_invariants()
-    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+    stats = engine.get_stats()
+    assert stats["generation_tokens"] == sum((1 + i % 2) * (5 + i) for i in range(12))
+    assert stats["prompt_tokens_computed"] >= sum(len(p) for p in prompts.values())
+    assert not engine.output_processor.requests
+    kv = engine.kv_cache_state()
+    assert kv["num_free_blocks"] == kv["num_blocks"] and kv["num_unfinished"] == 0
 
 
 def test_prompt_tokens_counted_once_per_computation():
@@ -88,4 +67,4 @@ def test_prompt_tokens_counted_once_per_computation():
     engine.add_request("a", list(range(200)), SamplingParams(max_tokens=3, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.stats.prompt_tokens == 200
+    assert engine.get_stats()["prompt_tokens_computed"] == 200

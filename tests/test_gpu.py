@@ -95,7 +95,7 @@ def test_bf16_cuda_graphs_match_eager(qwen3_checkpoint):
     for eager in (True, False):
         llm = LLM(path, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3,
                   enforce_eager=eager, max_num_seqs=32)
-        assert bool(llm.engine.model_runner.graphs) != eager
+        assert llm.llm_engine.model_info()["cuda_graphs"] != eager
         outputs[eager] = [o.outputs[0] for o in llm.generate(prompts, params)]
         del llm
         free_gpu()
@@ -130,11 +130,11 @@ def test_two_gpus_generate_what_one_does():
     free_gpu()
     two = LLM(str(QWEN3_CONFIG), tensor_parallel_size=2, num_gpu_blocks_override=64, **common)
     try:
-        assert two.engine.model_runner.graphs   # NCCL all-reduces inside the captured decode graphs
+        assert two.llm_engine.model_info()["cuda_graphs"]   # NCCL all-reduces inside the captured decode graphs
         for _ in range(2):
             assert [o.outputs[0].token_ids for o in two.generate(prompts, params)] == expected
-        assert two.engine.scheduler.num_preemptions > 0
-        assert two.engine.kv_cache.prefix_cache_hits > 0
+        stats = two.llm_engine.get_stats()
+        assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
     finally:
         two.shutdown()
     del two

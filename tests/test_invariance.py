@@ -5,7 +5,7 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.request import RequestStatus
-from tests.conftest import assert_no_leaks, random_prompts
+from tests.conftest import assert_no_leaks, core_of, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -40,29 +40,30 @@ def test_batched_equals_alone(reference, kwargs):
     for _ in range(2):  # second round runs against a warm prefix cache
         outputs = llm.generate(prompts, GREEDY)
         assert [o.outputs[0].token_ids for o in outputs] == alone
+    stats = llm.llm_engine.get_stats()
     if "num_gpu_blocks_override" in kwargs:
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert stats["num_preemptions"] > 0
     if kwargs.get("enable_prefix_caching"):
-        assert llm.engine.kv_cache.prefix_cache_hits > 0
+        assert stats["prefix_cache_hits"] > 0
     assert_no_leaks(llm)
 
 
 def test_abort_frees_everything(tiny_models):
     path, _ = tiny_models["qwen3"]
     llm = LLM(path, max_model_len=128, kv_cache_memory=4 << 20)
-    engine = llm.engine
+    engine = llm.llm_engine
     prompts = random_prompts(6, 512, 10, 50, seed=5)
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, n=1 + i % 2))
     for _ in range(3):
         engine.step()
-    assert engine.kv_cache.usage > 0
+    assert engine.get_stats()["kv_cache_usage"] > 0
     engine.abort_request("r0")   # running
     engine.abort_request("r5")
     while engine.has_unfinished_requests():
         for out in engine.step():
             assert out.request_id not in ("r0", "r5")
-        if "r2" in engine.states:
+        if "r2" in engine.output_processor.requests:
             engine.abort_request("r2")
     assert_no_leaks(llm)
 
@@ -70,11 +71,11 @@ def test_abort_frees_everything(tiny_models):
 def test_waiting_abort_and_status(tiny_models):
     path, _ = tiny_models["qwen3"]
     llm = LLM(path, max_model_len=128, kv_cache_memory=4 << 20, max_num_seqs=1)
-    engine = llm.engine
+    engine = llm.llm_engine
     engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=5))
     engine.add_request("b", [4, 5, 6], SamplingParams(max_tokens=5))
     engine.step()
-    request_b = engine.states["b"].children[0]
+    request_b = core_of(llm).scheduler.requests["b"]
     assert request_b.status == RequestStatus.WAITING
     engine.abort_request("b")
     assert request_b.status == RequestStatus.FINISHED_ABORTED

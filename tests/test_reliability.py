@@ -1,6 +1,6 @@
 """Reliability and security of the server (issue 5), against real `pagedllm serve` processes on loopback:
 hostile bodies by hand and by schemathesis, auth, a load test with client disconnects on a deliberately
-small KV pool, overload (503 + Retry-After), SIGTERM, and a dying engine loop."""
+small KV pool, overload (503 + Retry-After) and SIGTERM. A dying engine core: test_server_processes.py."""
 
 import asyncio
 import json
@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from server_fixtures import API_KEY, MODEL, StandInEngine, free_port, server, start_server  # noqa: F401 - session fixture
+from server_fixtures import API_KEY, MODEL, server, start_server  # noqa: F401 - session fixture
 
 from pagedllm.bench.stress import wait_settled
 
@@ -366,44 +366,3 @@ def test_sigterm_drains_running_requests_then_exits_0(small_server):
     assert exited < SHUTDOWN_TIMEOUT + 10, exited
     print(f"\nSIGTERM: short request finished, long one cut after {len(long_out['chunks'])} chunks, "
           f"exit 0 after {exited:.1f} s")
-
-
-# ---- the engine loop dies: /health 503, then the process exits non-zero --------------------------------
-class _DyingEngine(StandInEngine):
-    """A stand-in engine (no model) whose step raises."""
-
-    def step(self):
-        raise RuntimeError("injected engine fault")
-
-
-def test_engine_death_turns_health_503_and_exits_nonzero():
-    from pagedllm.engine.async_engine import AsyncLLMEngine
-    from pagedllm.entrypoints.server import build_app, serve
-    engine = AsyncLLMEngine(_DyingEngine(), switch_interval=None)
-    app = build_app(engine, served_model_name="fake")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    code = []
-    thread = threading.Thread(target=lambda: code.append(serve(app, engine, "127.0.0.1", port, log_level="warning",
-                                                              shutdown_timeout=5, watch_interval=2.0)),
-                              daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.1)
-    # the missing chat template: this engine has no tokenizer at all
-    r = httpx.post(url + CH, json={"messages": MESSAGES}, timeout=30)
-    assert_error(r, 400)
-    assert "chat template" in r.json()["error"]["message"]
-    r = httpx.post(url + C, json={"prompt": [1, 2, 3], "max_tokens": 2}, timeout=30)
-    assert r.status_code == 503 or (r.status_code == 200 and "error" in r.text), r.text
-    assert r.json()["error"]["type"] == "ServiceUnavailableError" if r.status_code == 503 else True
-    assert httpx.get(url + "/health", timeout=5).status_code == 503
-    thread.join(30)
-    assert code == [1]

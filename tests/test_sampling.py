@@ -34,11 +34,11 @@ def test_top_k_one_equals_greedy(tiny):
 
 def test_n_samples_share_prompt_blocks(tiny):
     prompt = random_prompts(1, 512, 40, 40, seed=3)[0]
-    before = tiny.engine.kv_cache.prefix_cache_hits
+    before = tiny.llm_engine.get_stats()["prefix_cache_hits"]
     out = tiny.generate([prompt], SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=1, ignore_eos=True))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
-    assert tiny.engine.kv_cache.prefix_cache_hits - before >= 2 * 32   # siblings reuse the prompt's full blocks
+    assert tiny.llm_engine.get_stats()["prefix_cache_hits"] - before >= 2 * 32   # siblings reuse the prompt's full blocks
     assert_no_leaks(tiny)
 
 
@@ -51,7 +51,7 @@ def test_logit_bias_min_tokens_and_penalties(tiny):
                                                  ignore_eos=True))[0]
     generated = out.outputs[0].token_ids
     assert len(set(generated)) == len(generated) and not set(generated) & set(prompt)
-    eos = next(iter(tiny.engine.config.scheduler.eos_token_ids), None)
+    eos = next(iter(tiny.llm_engine.config.scheduler.eos_token_ids), None)
     if eos is not None:
         out = tiny.generate([prompt], SamplingParams(temperature=0, max_tokens=8, min_tokens=8,
                                                      logit_bias={eos: 100.0}))[0]
@@ -117,7 +117,7 @@ def test_invalid_sampling_params(kwargs, param):
 
 
 def test_bad_prompts_rejected_before_scheduling(tiny):
-    engine = tiny.engine
+    engine = tiny.llm_engine
     cases = [([], "empty"), (list(range(300)), "max_model_len"), ([1, 2, 99999], "vocabulary")]
     for prompt, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -127,7 +127,7 @@ def test_bad_prompts_rejected_before_scheduling(tiny):
     # a bad request in a list aborts nothing else and leaves no state behind
     with pytest.raises(ValueError):
         tiny.generate([[1, 2, 3], []], SamplingParams(max_tokens=4))
-    assert not engine.states and not engine.has_unfinished_requests()
+    assert not engine.output_processor.requests and not engine.has_unfinished_requests()
     assert_no_leaks(tiny)
 
 

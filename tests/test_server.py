@@ -5,10 +5,13 @@ import asyncio
 import json
 import re
 import time
+from types import SimpleNamespace
 
 import openai
 import pytest
-from server_fixtures import StandInEngine, server  # noqa: F401 - session fixture
+from server_fixtures import server  # noqa: F401 - session fixture
+
+from pagedllm import SamplingParams
 
 try:
     import httpx2 as httpx
@@ -337,107 +340,32 @@ def test_client_disconnect_non_streaming_frees_request(server):  # noqa: F811
     assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
 
 
-# ---- the engine loop, with a stand-in engine (no model, no server) ---------------------------------
-class _FakeEngine(StandInEngine):
-    """Three outputs per request; ids starting with 'bad' fail in output processing."""
-
-    def __init__(self):
-        super().__init__()
-        self.boom = False
-
-    def add_request(self, request_id, prompt, params, prompt_text=None, arrival_time=None):
-        if params.max_tokens > 50:
-            raise ValueError("max_tokens too large")
-        super().add_request(request_id, prompt, params)
-
-    def step(self):
-        from pagedllm.outputs import CompletionOutput, RequestOutput
-        if self.boom:
-            raise RuntimeError("boom")
-        time.sleep(0.01)
-        outputs = []
-        for request_id in list(self.pending):
-            if request_id.startswith("bad"):
-                del self.pending[request_id]
-                self.failed_requests.add(request_id)
-                continue
-            self.pending[request_id] += 1
-            done = self.pending[request_id] >= 3
-            outputs.append(RequestOutput(request_id, None, [1], None, [CompletionOutput(
-                0, "x", [7], finish_reason="length" if done else None)], done))
-            if done:
-                del self.pending[request_id]
-        return outputs
+# ---- the server computes what the offline engine computes ------------------------------------------
+def test_greedy_through_the_server_equals_llm_generate(server, client, smollm):  # noqa: F811
+    prompts = [PROMPT, "def fibonacci(n):", "Three French cities are"]
+    params = SamplingParams(temperature=0, max_tokens=16)
+    offline = [o.outputs[0].token_ids for o in smollm.generate(prompts, params)]
+    served = client.completions.create(model=server.model, prompt=prompts, max_tokens=16, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    assert [c.model_extra["token_ids"] for c in served.choices] == offline
+    streamed = []
+    for chunk in client.completions.create(model=server.model, prompt=prompts[1], max_tokens=16, temperature=0,
+                                           stream=True, extra_body={"return_token_ids": True}):
+        streamed += chunk.choices[0].model_extra["token_ids"]
+    assert streamed == offline[1]
 
 
-def _asgi_get(app, path):
-    async def call():
-        sent = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "headers": [], "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
-                 "root_path": ""}
-        await app(scope, receive, send)
-        return next(m["status"] for m in sent if m["type"] == "http.response.start")
-    return asyncio.run(call())
-
-
-def test_engine_loop_isolates_failures_and_reports_death():
-    from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
-    from pagedllm.entrypoints.server import build_app
-    from pagedllm.sampling_params import SamplingParams
-    fake = _FakeEngine()
-    engine = AsyncLLMEngine(fake)
-    engine.start()
-    app = build_app(engine)
-    params = SamplingParams(max_tokens=8, output_kind="delta")
-
-    async def collect(request_id, p=params):
-        return [o async for o in engine.generate(request_id, [1, 2], p)]
-
-    async def main():
-        good, bad = await asyncio.gather(collect("good"), collect("bad-1"), return_exceptions=True)
-        assert len(good) == 3 and good[-1].finished
-        assert isinstance(bad, RequestFailedError)
-        with pytest.raises(ValueError):
-            await collect("big", SamplingParams(max_tokens=60))
-        # leaving a stream early aborts the request in the engine
-        gen = engine.generate("early", [1], params)
-        await gen.__anext__()
-        await gen.aclose()
-        for _ in range(100):
-            if "early" not in fake.pending:
-                break
-            await asyncio.sleep(0.01)
-        assert "early" not in fake.pending
-        fake.boom = True
-        with pytest.raises(EngineDeadError):
-            await collect("doomed")
-        with pytest.raises(EngineDeadError):
-            await collect("after")
-
-    try:
-        assert _asgi_get(app, "/health") == 200
-        asyncio.run(main())
-        assert not engine.is_healthy and _asgi_get(app, "/health") == 503
-    finally:
-        engine.shutdown()
-
-
-def test_bench_serve_client(server):  # noqa: F811
-    import argparse
+@pytest.mark.parametrize("client_kind,processes,stream", [("aiohttp", 1, True), ("aiohttp", 2, False),
+                                                         ("openai", 1, True)])
+def test_bench_serve_client(server, client_kind, processes, stream):  # noqa: F811
     from pagedllm.bench import serve as bench
-    args = argparse.Namespace(base_url=server.base_url, model=server.model, api_key=server.api_key,
-                              dataset="random", input_len=16, output_len=4, vocab_size=32000, temperature=0.0,
-                              ignore_eos=True, seed=0, timeout=120)
-    prompts = bench.build_prompts(args, 3)
-    results, duration = asyncio.run(bench.run_requests(args, prompts, 20.0, 2))
-    summary = bench.summarize(results, duration)
+    cfg = bench.ClientConfig(server.base_url, server.model, server.api_key, stream, 0.0, True, 120, client_kind,
+                             20.0, 2)
+    requests = bench.build_requests(SimpleNamespace(dataset="random", input_len=16, output_len=4, vocab_size=32000,
+                                                    seed=0), 3)
+    summary = bench.benchmark(cfg, requests, processes)
     assert summary["completed"] == 3 and summary["failed"] == 0, summary
     assert summary["total_output_tokens"] == 12 and summary["total_input_tokens"] == 48
-    assert summary["mean_ttft_ms"] > 0 and summary["p99_itl_ms"] >= summary["p50_itl_ms"] > 0
+    assert summary["client_processes"] == processes and summary["client_cpu_s"] > 0
+    if stream:
+        assert summary["mean_ttft_ms"] > 0 and summary["p99_itl_ms"] >= summary["p50_itl_ms"] > 0

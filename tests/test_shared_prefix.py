@@ -92,7 +92,7 @@ def _shared_prompts():
 def _use_triton_attention(llm: LLM, plans: list):
     """Swap the model's attention to the Triton backend (interpreted on CPU) and record each
     decode step's plan."""
-    runner = llm.engine.model_runner
+    runner = llm.llm_engine.model_runner
     backend = TritonBackend(runner.max_model_len)
     for attn in runner.model.attention_layers():
         attn.backend = backend

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -21,44 +20,12 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.embedding import VocabParallelEmbedding
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard
-from server_fixtures import start_server
+from server_fixtures import descendants, start_server, wait_gone
 from tests.conftest import assert_no_leaks, random_prompts
 from tests.test_invariance import shared_prefix_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 ROOT = Path(__file__).parent.parent
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every living process below pid (from /proc: children of children too)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _wait_gone(pids, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"processes left behind: {[p for p in pids if _alive(p)]}"
-        time.sleep(0.2)
 
 
 # ---- the pieces each rank loads ------------------------------------------------------------------
@@ -113,16 +80,16 @@ def test_two_ranks_generate_what_one_rank_does(tiny_models, arch):
     threads = torch.get_num_threads()
     # a pool small enough to preempt, prefix caching on
     llm = LLM(path, max_model_len=128, tensor_parallel_size=2, num_gpu_blocks_override=16, block_size=8)
-    workers = llm.engine.model_runner.workers.pids
+    workers = llm.llm_engine.model_info()["worker_pids"]
     try:
         for _ in range(2):   # the second round runs against a warm prefix cache
             assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == expected
-        assert llm.engine.scheduler.num_preemptions > 0
-        assert llm.engine.kv_cache.prefix_cache_hits > 0
+        stats = llm.llm_engine.get_stats()
+        assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
         assert_no_leaks(llm)
     finally:
         llm.shutdown()
-    _wait_gone(workers)
+    wait_gone(workers)
     assert torch.get_num_threads() == threads   # rank 0 shared the cores with rank 1 until shutdown
 
 
@@ -134,10 +101,29 @@ def test_four_ranks_replicate_kv_heads(tiny_models):
                 .generate(prompts, GREEDY)]
     llm = LLM(path, max_model_len=128, tensor_parallel_size=4, kv_cache_memory=16 << 20)
     try:
-        assert llm.engine.model_runner.kv_pool.shape[4] == 1
+        assert llm.llm_engine.model_info()["kv_pool_shape"][4] == 1
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == expected
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_llm_is_rebuilt_after_del_and_with_block(tiny_models, tp):
+    """`del llm` (or leaving `with LLM(...)`) stops the engine and its ranks, and the next LLM in the
+    same process starts cleanly (with 2 ranks: a new process group)."""
+    path, _ = tiny_models["qwen3"]
+    prompts = random_prompts(3, 512, 5, 20, seed=41)
+    kwargs = dict(max_model_len=128, tensor_parallel_size=tp, kv_cache_memory=16 << 20)
+    llm = LLM(path, **kwargs)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    workers = llm.llm_engine.model_info()["worker_pids"]
+    assert len(workers) == tp - 1
+    del llm
+    wait_gone(workers)
+    with LLM(path, **kwargs) as again:
+        assert [o.outputs[0].token_ids for o in again.generate(prompts, GREEDY)] == expected
+        workers = again.llm_engine.model_info()["worker_pids"]
+    wait_gone(workers)
 
 
 def test_bad_tensor_parallel_sizes(tiny_models):
@@ -158,8 +144,9 @@ def test_a_dying_rank_stops_every_process(tiny_models):
         import os, signal, time
         from pagedllm import LLM, SamplingParams
         llm = LLM({path!r}, max_model_len=128, tensor_parallel_size=2, kv_cache_memory=16 << 20)
-        print("workers", *llm.engine.model_runner.workers.pids, flush=True)
-        os.kill(llm.engine.model_runner.workers.pids[0], signal.SIGKILL)
+        pids = llm.llm_engine.model_info()["worker_pids"]
+        print("workers", *pids, flush=True)
+        os.kill(pids[0], signal.SIGKILL)
         while True:
             llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
             time.sleep(0.1)
@@ -172,7 +159,7 @@ def test_a_dying_rank_stops_every_process(tiny_models):
         proc.kill()
     workers = [int(p) for p in out.split()[1:]]
     assert proc.returncode == 1, err[-2000:]
-    _wait_gone(workers)
+    wait_gone(workers)
 
 
 def test_serve_with_two_ranks_then_ctrl_c(tiny_models):
@@ -185,7 +172,7 @@ def test_serve_with_two_ranks_then_ctrl_c(tiny_models):
     path, _ = tiny_models["qwen3"]
     proc, url, lines = start_server([path, "--tensor-parallel-size", "2", "--max-model-len", "128",
                                      "--kv-cache-memory", str(16 << 20)])
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     try:
         assert len(family) >= 1
         r = httpx.post(url + "/v1/completions", json={"model": "smollm2", "prompt": [1, 2, 3, 4],
@@ -198,4 +185,4 @@ def test_serve_with_two_ranks_then_ctrl_c(tiny_models):
     finally:
         proc.kill()
     assert proc.returncode == 0, "".join(lines)[-2000:]
-    _wait_gone(family)
+    wait_gone(family)

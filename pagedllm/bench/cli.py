@@ -8,7 +8,8 @@ from pagedllm.bench.throughput import run_llm, run_llm_roofline, run_sequential
 
 
 def register(sub) -> None:
-    from pagedllm.entrypoints.cli import add_engine_args
+    from pagedllm.engine.engine_args import EngineArgs
+    add_engine_args = EngineArgs.add_cli_args
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="offline throughput of N requests submitted at once")
     add_engine_args(tp)
@@ -31,6 +32,8 @@ def register(sub) -> None:
                     help="also try transformers' continuous batching (generate_batch)")
     tp.add_argument("--hf-timeout", type=float, default=1800,
                     help="give up on HF continuous batching after this many seconds (recorded as an error)")
+    tp.add_argument("--core-process", action="store_true",
+                    help="run the engine core in its own process, as the server does (LLM(core_process=True))")
     tp.add_argument("--output", default=None, help="path stem for the .json, .md and .png results")
     tp.set_defaults(func=cmd_throughput)
 
@@ -43,6 +46,7 @@ def register(sub) -> None:
     lat.add_argument("--input-len", type=int, default=512)
     lat.add_argument("--output-len", type=int, default=256)
     lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--core-process", action="store_true", help="run the engine core in its own process")
     lat.add_argument("--output", default=None, help="path stem for the .json, .md and .png results")
     lat.set_defaults(func=cmd_latency)
 
@@ -62,9 +66,8 @@ def register(sub) -> None:
 
 def _engine(args, **overrides):
     from pagedllm import LLM
-    from pagedllm.entrypoints.cli import engine_kwargs
-    kwargs = {**engine_kwargs(args), **overrides}
-    return LLM(args.model, **kwargs)
+    from pagedllm.engine.engine_args import EngineArgs
+    return LLM(**vars(EngineArgs.from_cli_args(args, **overrides)))
 
 
 def _bandwidth(args) -> dict:
@@ -102,7 +105,7 @@ def cmd_throughput(args: argparse.Namespace) -> None:
         overrides["max_model_len"] = 4096
     bw = _bandwidth(args)
     llm = _engine(args, **overrides)
-    vocab = llm.engine.vocab_size
+    vocab = llm.llm_engine.vocab_size
     if args.workload == "nano":
         lo, hi = args.nano_len_range
         reqs = workloads.nano_requests(vocab, num=args.num_prompts, min_len=lo, max_len=hi)
@@ -110,9 +113,9 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     else:
         reqs = workloads.random_requests(args.num_prompts, args.input_len, args.output_len, vocab)
         temperature = 0.0 if args.temperature is None else args.temperature
-    device = llm.engine.config.device
+    device = llm.llm_engine.config.device
     run_llm(llm, reqs[:2], temperature)   # warm-up
-    llm.engine.kv_cache.reset_prefix_cache()   # the warm-up prompts must not be cache hits in the timed run
+    llm.llm_engine.reset_prefix_cache()   # the warm-up prompts must not be cache hits in the timed run
     rows = [{"mode": "pagedllm (all at once)", **run_llm_roofline(llm, reqs, temperature,
                                                                   bw["bandwidth_bytes_per_s"])}]
     result = {**results.environment(), "benchmark": "throughput", "workload": args.workload,
@@ -120,7 +123,7 @@ def cmd_throughput(args: argparse.Namespace) -> None:
                                   if args.workload == "nano" else
                                   {"num_prompts": args.num_prompts, "input_len": args.input_len,
                                    "output_len": args.output_len}),
-              "model": llm.engine.config.model.model, "dtype": llm.engine.config.model.dtype,
+              "model": llm.llm_engine.config.model.model, "dtype": llm.llm_engine.config.model.dtype,
               "device_str": device, "temperature": temperature, **bw, **rows[0], "baselines": {}}
     result.pop("mode")
     if args.baseline in ("sequential", "all"):
@@ -203,8 +206,8 @@ def cmd_latency(args: argparse.Namespace) -> None:
     llm = _engine(args)
     lat = run_latency(llm, args.input_len, args.output_len, args.repeats, bandwidth=bw["bandwidth_bytes_per_s"])
     result = {**results.environment(), "benchmark": "latency", "workload": "latency",
-              "model": llm.engine.config.model.model, "dtype": llm.engine.config.model.dtype,
-              "device_str": llm.engine.config.device, "enforce_eager": args.enforce_eager, **bw, **lat}
+              "model": llm.llm_engine.config.model.model, "dtype": llm.llm_engine.config.model.dtype,
+              "device_str": llm.llm_engine.config.device, "enforce_eager": args.enforce_eager, **bw, **lat}
     table = results.markdown_table([result], ["workload", "prompt_len", "output_len", "ttft_ms", "tpot_ms",
                                               "ideal_tpot_ms", "output_tokens_per_s", "roofline_fraction"])
     results.save(result, args.output, table)

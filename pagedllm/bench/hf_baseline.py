@@ -25,9 +25,9 @@ from pagedllm.bench.workloads import BenchRequest
 def build_hf_model(llm):
     """An HF causal LM with our engine's weights, dtype and device."""
     from transformers import AutoModelForCausalLM
-    runner = llm.engine.model_runner
+    runner = llm.llm_engine.model_runner
     ours = runner.model
-    hf_config = llm.engine.config.model.hf_config
+    hf_config = llm.llm_engine.config.model.hf_config
     dtype, device = runner.dtype, runner.device
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

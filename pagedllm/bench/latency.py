@@ -16,26 +16,23 @@ from pagedllm.sampling_params import SamplingParams
 
 
 def one_request(llm, prompt: list[int], output_len: int) -> dict:
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, output_kind="final")
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, output_kind="delta")
     request_id = f"latency-{engine.new_request_id()}"
-    engine.kv_cache.reset_prefix_cache()
+    engine.reset_prefix_cache()
     sync(llm)
     start = time.perf_counter()
     engine.add_request(request_id, prompt, params)
     first = None
-    final = None
+    n = 0
     while engine.has_unfinished_requests():
-        before = engine.stats.generation_tokens
-        outputs = engine.step()
-        if first is None and engine.stats.generation_tokens > before:
-            first = time.perf_counter()
-        for out in outputs:
-            if out.request_id == request_id and out.finished:
-                final = out
+        for out in engine.step():
+            new = sum(len(c.token_ids) for c in out.outputs)
+            if new and first is None:
+                first = time.perf_counter()
+            n += new
     sync(llm)
     total = time.perf_counter() - start
-    n = len(final.outputs[0].token_ids) if final is not None else output_len
     ttft = (first or time.perf_counter()) - start
     return {"ttft_s": ttft, "total_s": total, "output_tokens": n,
             "tpot_s": (total - ttft) / (n - 1) if n > 1 else None}
@@ -43,7 +40,7 @@ def one_request(llm, prompt: list[int], output_len: int) -> dict:
 
 def run_latency(llm, prompt_len: int = 512, output_len: int = 256, repeats: int = 3, seed: int = 0,
                 bandwidth: float | None = None) -> dict:
-    vocab = llm.engine.vocab_size
+    vocab = llm.llm_engine.vocab_size
     rng = random.Random(seed)
     one_request(llm, [rng.randrange(vocab) for _ in range(prompt_len)], min(output_len, 8))  # warm-up
     runs = []

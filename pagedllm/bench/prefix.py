@@ -21,7 +21,8 @@ from pagedllm.bench.throughput import run_llm, run_llm_roofline
 def run_prefix_mode(make_llm, enable: bool, args, bandwidth: float | None) -> dict:
     llm = make_llm(enable)
     try:
-        vocab = llm.engine.vocab_size
+        engine = llm.llm_engine
+        vocab = engine.vocab_size
         reqs = workloads.prefix_requests(vocab, num_prefixes=args.num_prefixes, prefix_len=args.prefix_len,
                                          unique_len=args.unique_len, per_prefix=args.per_prefix,
                                          output_len=args.output_len, seed=args.seed_workload)
@@ -33,24 +34,26 @@ def run_prefix_mode(make_llm, enable: bool, args, bandwidth: float | None) -> di
         for _ in range(2):
             run_llm(llm, warm, 0.0)
         if bandwidth is None:
-            bandwidth = measure_bandwidth(llm.engine.config.device)["bandwidth_bytes_per_s"]
-        kv = llm.engine.kv_cache
+            bandwidth = measure_bandwidth(engine.config.device)["bandwidth_bytes_per_s"]
         elapsed = []
         for _ in range(args.repeats):   # each from an empty cache; the last one is reported
-            kv.reset_prefix_cache()
-            hits0, queries0 = kv.prefix_cache_hits, kv.prefix_cache_queries
+            engine.reset_prefix_cache()
+            before = engine.get_stats()
             row = run_llm_roofline(llm, reqs, 0.0, bandwidth)
             elapsed.append(row["elapsed_s"])
-        hits, queries = kv.prefix_cache_hits - hits0, kv.prefix_cache_queries - queries0
+        after = engine.get_stats()
+        hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+        queries = after["prefix_cache_queries"] - before["prefix_cache_queries"]
         row["elapsed_s_each_repeat"] = elapsed
         row.update({"prefix_caching": enable, "prefix_cache_hits": hits, "prefix_cache_queries": queries,
                     "hit_rate": hits / queries if queries else 0.0,
                     "cacheable_fraction": args.prefix_len / (args.prefix_len + args.unique_len)})
-        row["model"] = llm.engine.config.model.model
-        row["dtype"] = llm.engine.config.model.dtype
-        row["device_str"] = llm.engine.config.device
+        row["model"] = engine.config.model.model
+        row["dtype"] = engine.config.model.dtype
+        row["device_str"] = engine.config.device
         return row
     finally:
+        llm.shutdown()
         del llm
         gc.collect()
         if torch.cuda.is_available():

@@ -7,8 +7,8 @@
   written) / seconds, median of several repeats (CUDA events on GPU, perf_counter on CPU).
 - weight_bytes: the model's parameter bytes, each storage counted once (a tied embedding is read
   once per step, as the LM head).
-- decode_steps: engine steps of the run that sampled at least one token (StepCounter counts them
-  by wrapping llm.engine.step). Every such step must read all weights at least once.
+- decode_steps: engine steps of the run that sampled at least one token (the engine core counts
+  them). Every such step must read all weights at least once.
 - context length of a generated token = prompt_len + its index in the output (the first output
   token attends to the prompt, the second to the prompt + 1, ...).
 - with tensor parallelism the GPUs read their shares side by side, so the roofline is one GPU's:
@@ -55,18 +55,6 @@ def measure_bandwidth(device: str | torch.device, nbytes: int | None = None, rep
             "bandwidth_repeats": repeats, "bandwidth_method": "device-to-device copy, (read + write) / median time"}
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Parameter bytes, each distinct storage once (tied embeddings count once)."""
-    seen, total = set(), 0
-    for _, p in model.named_parameters(remove_duplicate=False):
-        key = (p.untyped_storage().data_ptr(), p.storage_offset(), p.numel())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += p.numel() * p.element_size()
-    return total
-
-
 def kv_token_reads(prompt_lens: list[int], output_lens: list[int]) -> int:
     """Sum over generated tokens of their context length: token i of a request with prompt length P
     attends to P + i tokens."""
@@ -80,38 +68,30 @@ def ideal_time(decode_steps: int, weight_bytes: int, kv_bytes_per_token: int, pr
 
 
 class StepCounter:
-    """Counts engine steps that sampled any token (wraps llm.engine.step while active)."""
+    """Engine steps, and those that sampled any token, while counting() is active (read from the
+    engine core's totals before and after)."""
 
     def __init__(self, llm) -> None:
-        self.engine = llm.engine
+        self.engine = llm.llm_engine
         self.steps = 0          # all steps that ran something
         self.decode_steps = 0   # steps that produced at least one token
 
     @contextmanager
     def counting(self):
-        engine = self.engine
-        original = engine.step
-
-        def step(*args, **kwargs):
-            before = engine.stats.generation_tokens
-            out = original(*args, **kwargs)
-            self.steps += 1
-            if engine.stats.generation_tokens > before:
-                self.decode_steps += 1
-            return out
-
-        engine.step = step
+        before = self.engine.get_stats()
         try:
             yield self
         finally:
-            del engine.step   # back to the class method
+            after = self.engine.get_stats()
+            self.steps = after["num_steps"] - before["num_steps"]
+            self.decode_steps = after["num_decode_steps"] - before["num_decode_steps"]
 
 
 def roofline(llm, counter: StepCounter, prompt_lens: list[int], output_lens: list[int], elapsed: float,
              bandwidth: float) -> dict:
     """The roofline fields of a result: ideal time, fraction, and what went into them."""
-    wb = weight_bytes(llm.engine.model_runner.model)
-    model = llm.engine.config.model
+    wb = llm.llm_engine.model_info()["weight_bytes"]
+    model = llm.llm_engine.config.model
     kvb = model.kv_bytes_per_token_per_rank
     ideal = ideal_time(counter.decode_steps, wb, kvb, prompt_lens, output_lens, bandwidth)
     return {

@@ -48,12 +48,12 @@ def summarize(requests: list[BenchRequest], outputs, elapsed: float) -> dict:
 
 def sync(llm) -> None:
     import torch
-    if torch.cuda.is_available() and llm.engine.config.device.startswith("cuda"):
+    if torch.cuda.is_available() and llm.llm_engine.config.device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def run_llm_roofline(llm, requests: list[BenchRequest], temperature: float, bandwidth: float) -> dict:
-    """run_llm, plus the roofline fields (decode steps counted by wrapping llm.engine.step)."""
+    """run_llm, plus the roofline fields (decode steps counted by the engine core)."""
     from pagedllm.bench.roofline import StepCounter, roofline
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [_params(r, temperature) for r in requests]

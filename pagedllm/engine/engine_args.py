@@ -1,7 +1,8 @@
 """EngineArgs: what a user may set (vLLM's names), resolved once into a validated EngineConfig."""
 
+import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -32,6 +33,38 @@ class EngineArgs:
     device: str | None = None
     served_model_name: str | None = None
     tensor_parallel_size: int = 1
+    core_process: bool = False        # LLM only: the engine core in its own process (the server always is)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
+        """vLLM's flag names for the engine options."""
+        help_ = "HF folder, Hub id or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
+        if model_positional:
+            parser.add_argument("model", nargs="?", default=None, help=help_)
+        else:
+            parser.add_argument("--model", default=None, help=help_)
+        parser.add_argument("--dtype", default="auto")
+        parser.add_argument("--max-model-len", type=int, default=None)
+        parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+        parser.add_argument("--block-size", type=int, default=16)
+        parser.add_argument("--max-num-seqs", type=int, default=256)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+        parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        parser.add_argument("--kv-cache-memory", type=int, default=None,
+                            help="CPU KV pool bytes per rank (default 2 GiB)")
+        parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+        parser.add_argument("--enforce-eager", action="store_true")
+        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                            help="split the model across this many GPUs (or CPU processes), one process each")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--device", default=None)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides) -> "EngineArgs":
+        """The EngineArgs of parsed flags (those add_cli_args defines), with `overrides` on top."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, **overrides})
 
     def create_config(self) -> tuple[EngineConfig, loader.ModelSource]:
         if self.load_format not in ("auto", "dummy"):

@@ -131,6 +131,10 @@ class KVCacheManager:
         """Fraction of blocks in use by live requests (cached-but-free blocks count as free)."""
         return 1.0 - self.pool.num_free / self.num_blocks
 
+    def block_lists(self) -> dict[str, list[Block]]:
+        """Request id -> the blocks it holds (read-only: for snapshots)."""
+        return self._blocks
+
     def _update_hashes(self, request: Request) -> None:
         bs = self.block_size
         hashes = request.block_hashes

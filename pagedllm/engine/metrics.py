@@ -1,14 +1,22 @@
 """Engine stats -> Prometheus metrics with vLLM V1 names (and a `model_name` label), so existing
 Grafana dashboards work unchanged; plus the periodic "throughput / running / waiting / KV" log line.
 
-Each server gets its own CollectorRegistry. The engine thread calls these methods (prometheus_client
-is thread-safe); counters that the engine already keeps (tokens, prefix-cache, preemptions) are
-advanced by their deltas at each update.
+Lives in the API process: per-request figures (tokens, TTFT, inter-token latency, end-to-end time,
+finish reasons) come from the output processor's IterationStats, the scheduler's gauges and totals
+from the SchedulerStats the engine core sends with every step. With several API processes
+(`--api-server-count`), prometheus_client's multiprocess mode adds their counters and histograms
+up; the engine core's totals (prefix cache, preemptions) are counted by client 0 alone, and every
+process sets the same gauges.
 """
 
 import logging
+import os
+import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+from pagedllm.core_types import SchedulerStats
+from pagedllm.engine.stats import IterationStats
 
 logger = logging.getLogger("pagedllm.metrics")
 
@@ -32,10 +40,11 @@ def _token_buckets(max_model_len: int) -> list[float]:
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str, max_model_len: int = 4096,
-                 registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(self, model_name: str, max_model_len: int = 4096, count_core_totals: bool = True) -> None:
+        self.registry = CollectorRegistry()
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.model_name = model_name
+        self.count_core_totals = count_core_totals
         r, label = self.registry, ["model_name"]
 
         def counter(name, doc, labels=label):
@@ -72,65 +81,81 @@ class EngineMetrics:
                                                "Number of prefill tokens processed.", token_buckets)
         self.request_generation_tokens = histogram("vllm:request_generation_tokens",
                                                    "Number of generation tokens processed.", token_buckets)
-        for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_cache_queries,
-                       self.prefix_cache_hits, self.num_preemptions, self.num_running, self.num_waiting,
-                       self.kv_usage, self.ttft, self.itl, self.e2e, self.queue_time,
-                       self.request_prompt_tokens, self.request_generation_tokens):
-            metric.labels(model_name)
-        for reason in ("stop", "length", "abort"):
-            self.request_success.labels(model_name, reason)
-        self._seen = {"prompt": 0, "generation": 0, "queries": 0, "hits": 0, "preemptions": 0}
+        m = model_name
+        self._children = {name: metric.labels(m) for name, metric in (
+            ("prompt_tokens", self.prompt_tokens), ("generation_tokens", self.generation_tokens),
+            ("queries", self.prefix_cache_queries), ("hits", self.prefix_cache_hits),
+            ("preemptions", self.num_preemptions), ("running", self.num_running), ("waiting", self.num_waiting),
+            ("kv_usage", self.kv_usage), ("ttft", self.ttft), ("itl", self.itl), ("e2e", self.e2e),
+            ("queue_time", self.queue_time), ("request_prompt_tokens", self.request_prompt_tokens),
+            ("request_generation_tokens", self.request_generation_tokens))}
+        self._success = {reason: self.request_success.labels(m, reason) for reason in ("stop", "length", "abort")}
+        self._seen = {"queries": 0, "hits": 0, "preemptions": 0}
+        self._logged: SchedulerStats | None = None
+        self._logged_at = time.monotonic()
 
-    # ---- called from the engine thread ----------------------------------------------------------
-    def update_gauges(self, engine) -> None:
-        m = self.model_name
-        self.num_running.labels(m).set(engine.scheduler.num_running)
-        self.num_waiting.labels(m).set(engine.scheduler.num_waiting)
-        self.kv_usage.labels(m).set(engine.kv_cache.usage)
-        self._advance(self.prompt_tokens, "prompt", engine.stats.prompt_tokens)
-        self._advance(self.generation_tokens, "generation", engine.stats.generation_tokens)
-        self._advance(self.prefix_cache_queries, "queries", engine.kv_cache.prefix_cache_queries)
-        self._advance(self.prefix_cache_hits, "hits", engine.kv_cache.prefix_cache_hits)
-        self._advance(self.num_preemptions, "preemptions", engine.scheduler.num_preemptions)
-
-    def _advance(self, counter: Counter, key: str, total: int) -> None:
-        delta = total - self._seen[key]
-        if delta > 0:
-            counter.labels(self.model_name).inc(delta)
-            self._seen[key] = total
-
-    def record_queue_time(self, seconds: float) -> None:
-        self.queue_time.labels(self.model_name).observe(max(0.0, seconds))
-
-    def record_first_token(self, seconds: float) -> None:
-        self.ttft.labels(self.model_name).observe(max(0.0, seconds))
-
-    def record_inter_token(self, seconds: float) -> None:
-        self.itl.labels(self.model_name).observe(max(0.0, seconds))
-
-    def record_finished(self, output, now: float) -> None:
-        m = self.model_name
-        for completion in output.outputs:
-            self.request_success.labels(m, completion.finish_reason or "abort").inc()
-        metrics = output.metrics or {}
-        if "arrival_time" in metrics:
-            self.e2e.labels(m).observe(max(0.0, metrics.get("finished_time", now) - metrics["arrival_time"]))
-        self.request_prompt_tokens.labels(m).observe(len(output.prompt_token_ids))
-        self.request_generation_tokens.labels(m).observe(metrics.get("num_generation_tokens", 0))
+    # ---- fed by the API process's output handling -----------------------------------------------------
+    def record_iteration(self, stats: IterationStats) -> None:
+        c = self._children
+        if stats.num_generation_tokens:
+            c["generation_tokens"].inc(stats.num_generation_tokens)
+        if stats.num_prompt_tokens:
+            c["prompt_tokens"].inc(stats.num_prompt_tokens)
+        for name, values in (("ttft", stats.time_to_first_tokens), ("itl", stats.inter_token_latencies),
+                             ("queue_time", stats.queue_times)):
+            histogram = c[name]
+            for value in values:
+                histogram.observe(max(0.0, value))
+        for done in stats.finished:
+            for reason in done.finish_reasons:
+                self._success[reason or "abort"].inc()
+            c["e2e"].observe(max(0.0, done.e2e_latency))
+            c["request_prompt_tokens"].observe(done.num_prompt_tokens)
+            c["request_generation_tokens"].observe(done.num_generation_tokens)
 
     def record_aborted(self) -> None:
-        self.request_success.labels(self.model_name, "abort").inc()
+        self._success["abort"].inc()
 
-    def log(self, engine, before: tuple[int, int], after: tuple[int, int], seconds: float) -> None:
-        queries = engine.kv_cache.prefix_cache_queries
-        hits = engine.kv_cache.prefix_cache_hits
+    def record_scheduler(self, stats: SchedulerStats) -> None:
+        c = self._children
+        c["running"].set(stats.num_running)
+        c["waiting"].set(stats.num_waiting)
+        c["kv_usage"].set(stats.kv_cache_usage)
+        if self.count_core_totals:
+            self._advance("queries", stats.prefix_cache_queries)
+            self._advance("hits", stats.prefix_cache_hits)
+            self._advance("preemptions", stats.num_preemptions)
+
+    def _advance(self, key: str, total: int) -> None:
+        delta = total - self._seen[key]
+        if delta > 0:
+            self._children[key].inc(delta)
+            self._seen[key] = total
+
+    def maybe_log(self, stats: SchedulerStats, interval: float) -> None:
+        """The periodic log line, at most every `interval` seconds, over busy time only."""
+        now = time.monotonic()
+        before = self._logged
+        if before is None or (stats.num_running == 0 and stats.num_waiting == 0
+                              and stats.generation_tokens == before.generation_tokens):
+            self._logged, self._logged_at = stats, now    # idle: the next busy period starts here
+            return
+        seconds = now - self._logged_at
+        if seconds < interval:
+            return
+        queries = stats.prefix_cache_queries
         logger.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
-                    "Running: %d reqs, Waiting: %d reqs, GPU KV cache usage: %.1f%%, "
-                    "Prefix cache hit rate: %.1f%%",
-                    (after[0] - before[0]) / seconds, (after[1] - before[1]) / seconds,
-                    engine.scheduler.num_running, engine.scheduler.num_waiting, 100 * engine.kv_cache.usage,
-                    100 * hits / queries if queries else 0.0)
+                    "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                    (stats.prompt_tokens_computed - before.prompt_tokens_computed) / seconds,
+                    (stats.generation_tokens - before.generation_tokens) / seconds,
+                    stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage,
+                    100 * stats.prefix_cache_hits / queries if queries else 0.0)
+        self._logged, self._logged_at = stats, now
 
-    # ---- called from the server --------------------------------------------------------------------
+    # ---- called by /metrics ----------------------------------------------------------------------
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)

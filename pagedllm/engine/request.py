@@ -4,10 +4,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from pagedllm.core_types import PLACEHOLDER, token_span
 from pagedllm.sampling_params import SamplingParams
-
-
-PLACEHOLDER = -1   # a sampled token whose value has not reached the host yet
 
 
 class RequestStatus(enum.Enum):
@@ -51,6 +49,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     stop_reason: str | int | None = None
+    num_blocks_sent: int = -1           # block ids the worker has; -1: it must read the request whole
+    scheduled_time: float | None = None     # first admission (time.monotonic)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -99,9 +99,4 @@ class Request:
 
     def tokens_in(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output without concatenating the whole sequence."""
-        n = len(self.prompt_token_ids)
-        if end <= n:
-            return self.prompt_token_ids[start:end]
-        if start >= n:
-            return self.output_token_ids[start - n:end - n]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
+        return token_span(self.prompt_token_ids, self.output_token_ids, start, end)

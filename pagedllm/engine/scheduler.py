@@ -7,42 +7,35 @@ can mix prefill chunks with decodes. When the pool runs dry, the most recently a
 preempted: its blocks are released and it is recomputed later (its full blocks usually survive in
 the prefix cache, so the recompute is cheap). The scheduler never touches tensors.
 
+Its output is plain data (core_types.SchedulerOutput), a diff for the worker: a request's prompt,
+parameters and blocks the first time it runs (and again when it resumes after a preemption), then
+only its new blocks. The scheduler keeps its own record of each step until the step's results come
+back.
+
 Steps are pipelined: step N+1 is scheduled while step N runs on the device. A token sampled by
 step N is a PLACEHOLDER in the request until its value arrives (the model runner feeds it to step
 N+1 straight from device memory); stops that depend on the value (EOS, stop ids, stop strings) are
 applied when it arrives, so a stopping request may compute one token that is never delivered.
 """
 
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pagedllm.config import SchedulerConfig
+from pagedllm.core_types import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import PLACEHOLDER, Request, RequestStatus
 
 
 @dataclass(slots=True)
 class ScheduledRequest:
+    """The scheduler's own record of one request in a step."""
     request: Request
     num_new_tokens: int
     start: int                    # position of the first token computed this step
     samples: bool                 # this step reaches the last token, so the next one is sampled
-    output_index: int = -1        # where the sampled token goes in output_token_ids (set at launch)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    num_prompt_tokens: int = 0    # prompt tokens computed this step (a recompute counts again)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+    output_index: int = -1        # where the sampled token goes in output_token_ids
 
 
 class Scheduler:
@@ -53,6 +46,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._finished_ids: list[str] = []     # for the worker, with the next step
+        self._in_flight: deque[tuple[SchedulerOutput, list[ScheduledRequest]]] = deque()
 
     @property
     def num_running(self) -> int:
@@ -71,11 +66,14 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        scheduled = out.scheduled
+        """The next step. A non-empty output must be executed: its sampled tokens are reserved
+        as placeholders at once, and update_from_output expects its results in order."""
+        items: list[ScheduledRequest] = []
+        num_prompt_tokens = 0
         allocate_slots = self.kv_cache.allocate_slots
         budget = self.config.max_num_batched_tokens
         index = 0
+        preempted = False
         # the hot loop (every running request, every step): lengths are read directly rather
         # than through Request's properties
         while index < len(self.running) and budget > 0:
@@ -91,22 +89,23 @@ class Scheduler:
             while not allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
-                out.preempted.append(victim)
+                preempted = True
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledRequest(request, num_new, start,
-                                                  start + num_new == num_prompt + num_outputs))
+                items.append(ScheduledRequest(request, num_new, start, start + num_new == num_prompt + num_outputs))
                 if start < num_prompt:
-                    out.num_prompt_tokens += min(num_new, num_prompt - start)
+                    num_prompt_tokens += min(num_new, num_prompt - start)
                 budget -= num_new
                 index += 1
-        if not out.preempted:
-            self._admit_waiting(out, budget)
-        return out
+        if not preempted:
+            num_prompt_tokens += self._admit_waiting(items, budget)
+        return self._launch(items, num_prompt_tokens)
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, items: list[ScheduledRequest], budget: int) -> int:
+        """Admit waiting requests into the step; returns the prompt tokens they compute."""
         block_size = self.kv_cache.block_size
+        num_prompt_tokens = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             cached = self.kv_cache.find_cached_prefix(request)
@@ -117,13 +116,45 @@ class Scheduler:
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
+                request.scheduled_time = time.monotonic()
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            request.num_blocks_sent = -1     # the worker reads it whole
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, num_cached,
-                                                  num_cached + num_new == request.num_tokens))
-            out.num_prompt_tokens += min(num_new, max(0, request.num_prompt_tokens - num_cached))
+            items.append(ScheduledRequest(request, num_new, num_cached, num_cached + num_new == request.num_tokens))
+            num_prompt_tokens += min(num_new, max(0, request.num_prompt_tokens - num_cached))
             budget -= num_new
+        return num_prompt_tokens
+
+    def _launch(self, items: list[ScheduledRequest], num_prompt_tokens: int) -> SchedulerOutput:
+        """The plain output for the worker; the step counts as running from here: its tokens are
+        computed and each token it samples is reserved as a placeholder (so the next step can be
+        scheduled, with the placeholder as input, before the values reach the host)."""
+        if not items:
+            return SchedulerOutput(num_prompt_tokens=num_prompt_tokens)   # the finished ids wait for a step
+        out = SchedulerOutput(finished_request_ids=self._finished_ids, num_prompt_tokens=num_prompt_tokens)
+        self._finished_ids = []
+        new_blocks = out.new_block_ids
+        for item in items:
+            request = item.request
+            out.request_ids.append(request.request_id)
+            out.num_scheduled_tokens.append(item.num_new_tokens)
+            out.num_computed_tokens.append(item.start)
+            sent = request.num_blocks_sent
+            if sent < 0:
+                out.new_requests.append(NewRequestData(
+                    request.request_id, request.prompt_token_ids, request.sampling_params,
+                    list(request.block_ids), list(request.output_token_ids)))
+                request.num_blocks_sent = len(request.block_ids)
+            elif sent < len(request.block_ids):
+                new_blocks[request.request_id] = request.block_ids[sent:]
+                request.num_blocks_sent = len(request.block_ids)
+            request.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                request.output_token_ids.append(PLACEHOLDER)
+                item.output_index = len(request.output_token_ids) - 1
+        self._in_flight.append((out, items))
+        return out
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
@@ -133,30 +164,22 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def on_launched(self, out: SchedulerOutput) -> None:
-        """The step is running on the device: count its tokens as computed and reserve a
-        placeholder for each token it samples, so the next step can be scheduled (with the
-        placeholder as input) before the sampled values reach the host."""
-        for item in out.scheduled:
-            request = item.request
-            request.num_computed_tokens += item.num_new_tokens
-            if item.samples:
-                request.output_token_ids.append(PLACEHOLDER)
-                item.output_index = len(request.output_token_ids) - 1
-
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[tuple[Request, int]]:
+    def update_from_output(self, out: SchedulerOutput, model_out: ModelRunnerOutput) -> list[ScheduledRequest]:
         """Fill in the step's sampled tokens and finish requests that hit a token-level stop.
-        Returns (request, token) for every request that got a new token."""
+        Returns the records of the requests that got a new token (it is at output_index)."""
+        recorded, items = self._in_flight.popleft()
+        assert recorded is out, "step results must come back in launch order"
+        sampled = dict(zip(model_out.request_ids, model_out.sampled_token_ids))
         advanced = []
         cache_blocks = self.kv_cache.cache_blocks
-        for item in out.scheduled:
+        for item in items:
             request = item.request
             if not item.samples or request.is_finished:
                 continue  # a prefill chunk, or finished/aborted while the step ran
             token = sampled[request.request_id]
             request.output_token_ids[item.output_index] = token
             cache_blocks(request)
-            advanced.append((request, token))
+            advanced.append(item)
             status = self._token_stop(request, token, item.output_index + 1)
             if status is not None:
                 self.finish_request(request.request_id, status)
@@ -186,6 +209,7 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv_cache.free(request)
         request.status = status
+        self._finished_ids.append(request_id)
         while request.output_token_ids and request.output_token_ids[-1] == PLACEHOLDER:
             request.output_token_ids.pop()   # a token sampled after the stop: never delivered
         return request

@@ -1,8 +1,8 @@
 """A read-only, bounded, JSON-able picture of the engine for the live dashboard.
 
-`engine_snapshot(engine)` must run where nothing else mutates the engine: in the engine thread
-between two steps (AsyncLLMEngine.call_in_engine does that), or in the only thread that uses an
-LLMEngine. It never copies prompt or output tokens (they may be private), only counts.
+`engine_snapshot(core)` must run where nothing else mutates the engine core: between two of its
+steps (EngineCore.snapshot is a named call, which the core runs there). It never copies prompt or
+output tokens (they may be private), only counts.
 
 Block states, one character per block (or per cell of `cell_size` blocks for large pools, showing
 the state most of the cell's blocks are in), base 36:
@@ -41,7 +41,7 @@ def block_states(kv_cache, requests: dict | None = None, max_cells: int = MAX_CE
     n = len(pool.hashed)
     states = np.frombuffer(bytes(pool.hashed), dtype=np.uint8).copy()   # 0 free, 1 cached
     arrays, colours = [], []
-    for request_id, blocks in kv_cache._blocks.items():
+    for request_id, blocks in kv_cache.block_lists().items():
         request = requests.get(request_id) if requests else None
         if request is not None:
             ids = _ids(request_id, request.block_ids, id_cache)
@@ -50,7 +50,7 @@ def block_states(kv_cache, requests: dict | None = None, max_cells: int = MAX_CE
         arrays.append(ids)
         colours.append(FIRST_COLOUR + colour_of(request_id))
     if id_cache is not None and len(id_cache) > len(arrays):
-        for request_id in [r for r in id_cache if r not in kv_cache._blocks]:
+        for request_id in [r for r in id_cache if r not in kv_cache.block_lists()]:
             del id_cache[request_id]
     if arrays:
         lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
@@ -111,16 +111,15 @@ def _row(request) -> dict:
     }
 
 
-def engine_snapshot(engine, max_cells: int = MAX_CELLS, extra_counters: dict | None = None,
-                    id_cache: dict | None = None) -> dict:
-    """The dashboard's view of an LLMEngine (see the module docstring for the block states). Pass
+def engine_snapshot(core, max_cells: int = MAX_CELLS, id_cache: dict | None = None) -> dict:
+    """The dashboard's view of an EngineCore (see the module docstring for the block states). Pass
     the same `id_cache` dict to repeated calls on one engine to make them cheaper."""
-    kv = engine.kv_cache
-    scheduler = engine.scheduler
+    kv = core.kv_cache
+    scheduler = core.scheduler
     states, cell_size = block_states(kv, scheduler.requests, max_cells, id_cache)
     running, waiting = scheduler.running, scheduler.waiting
-    model = engine.config.model
-    capacity = dict(getattr(engine.model_runner, "capacity", None) or {})
+    model = core.config.model
+    capacity = dict(core.executor.capacity)
     capacity.update(max_model_len=model.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
                     dtype=model.dtype, prefix_caching=kv.enable_prefix_caching,
                     max_num_seqs=scheduler.config.max_num_seqs,
@@ -128,20 +127,20 @@ def engine_snapshot(engine, max_cells: int = MAX_CELLS, extra_counters: dict | N
     num_free = kv.num_free_blocks
     counters = {
         "time": time.monotonic(),
-        "prompt_tokens": engine.stats.prompt_tokens,
-        "generation_tokens": engine.stats.generation_tokens,
+        "prompt_tokens": core.prompt_tokens,
+        "generation_tokens": core.generation_tokens,
         "prefix_cache_queries": kv.prefix_cache_queries,
         "prefix_cache_hits": kv.prefix_cache_hits,
         "preemptions": scheduler.num_preemptions,
-        "finished": sum(engine.stats.finished.values()),
+        "finished": sum(core.finished.values()),
         "num_running": len(running),
         "num_waiting": len(waiting),
         "kv_usage": 1.0 - num_free / kv.num_blocks,
         "blocks_in_use": kv.num_blocks - num_free,
         "blocks_cached": len(kv.pool.cached),
+        "steps": core.num_steps,
+        "step_time": core.step_time,
     }
-    if extra_counters:
-        counters.update(extra_counters)
     return {
         "blocks": {"states": states, "cell_size": cell_size, "num_blocks": kv.num_blocks,
                    "num_colours": NUM_COLOURS},

@@ -5,43 +5,10 @@ import logging
 import sys
 
 
-def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
-    """vLLM's flag names for the engine options."""
-    help_ = "HF folder, Hub id or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
-    if model_positional:
-        parser.add_argument("model", nargs="?", default=None, help=help_)
-    else:
-        parser.add_argument("--model", default=None, help=help_)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--kv-cache-memory", type=int, default=None, help="CPU KV pool bytes per rank (default 2 GiB)")
-    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                        help="split the model across this many GPUs (or CPU processes), one process each")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, max_model_len=args.max_model_len, load_format=args.load_format,
-                block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
-                num_gpu_blocks_override=args.num_gpu_blocks_override,
-                enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, device=args.device)
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from pagedllm import LLM, SamplingParams
-    llm = LLM(args.model, **engine_kwargs(args))
+    from pagedllm.engine.engine_args import EngineArgs
+    llm = LLM(**vars(EngineArgs.from_cli_args(args)))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sample_seed)
     prompt = {"prompt_token_ids": llm.get_tokenizer().apply_chat_template(
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_dict=False)} \
@@ -73,7 +40,8 @@ def cmd_kv_cache(args: argparse.Namespace) -> None:
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """`pagedllm serve` flags (vLLM's names) on top of the engine's."""
     import os
-    add_engine_args(parser)
+    from pagedllm.engine.engine_args import EngineArgs
+    EngineArgs.add_cli_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (use 0.0.0.0 to listen on all)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
@@ -88,23 +56,30 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "full batch of --max-num-seqs (default: unbounded)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let requests in flight finish before aborting them")
+    parser.add_argument("--api-server-count", type=int, default=1,
+                        help="API processes sharing the port and the engine core (HTTP, tokenizing, detokenizing)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="tokens per streamed event after the first (fewer, larger events for many streams)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from pagedllm.entrypoints.server import run_server
+    from pagedllm.entrypoints.launcher import run_server
+    if args.stream_interval < 1:
+        raise ValueError(f"stream_interval must be >= 1, got {args.stream_interval}")
     run_server(args)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pagedllm.engine.engine_args import EngineArgs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="one-shot generation")
     gen.add_argument("prompt")
-    add_engine_args(gen, model_positional=False)
+    EngineArgs.add_cli_args(gen, model_positional=False)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--sample-seed", type=int, default=None)

@@ -1,10 +1,11 @@
 """The live engine dashboard: GET / and GET /dashboard (one self-contained page, shipped as
 static/dashboard.html) and GET /dashboard/state (read-only JSON that the page polls).
 
-The state is `engine.snapshot.engine_snapshot`, taken on the engine thread between two steps, so it is
-consistent and the server never touches blocks. It is bounded: at most MAX_CELLS block cells and
-MAX_LISTED rows per queue, no prompt or output text. Like /health and /metrics, these routes need no
-API key (the page asks for one to use its chat box when the server has one).
+The state is `engine.snapshot.engine_snapshot`, taken by the engine core between two of its steps
+(the named call "snapshot"), so it is consistent and the server never touches blocks. It is
+bounded: at most MAX_CELLS block cells and MAX_LISTED rows per queue, no prompt or output text.
+Like /health and /metrics, these routes need no API key (the page asks for one to use its chat box
+when the server has one).
 """
 
 import asyncio
@@ -14,7 +15,6 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 
 import pagedllm
-from pagedllm.engine.snapshot import engine_snapshot
 
 SNAPSHOT_TIMEOUT_S = 10.0
 
@@ -27,12 +27,6 @@ def add_dashboard_routes(app: FastAPI, engine, model_name: str, api_key_required
     html = dashboard_html()
     headers = {"Cache-Control": "no-store"}
 
-    id_cache: dict = {}   # request id -> block ids as an array; only the engine thread uses it
-
-    def take(llm_engine) -> dict:
-        return engine_snapshot(llm_engine, id_cache=id_cache,
-                               extra_counters={"steps": engine.num_steps, "step_time": engine.step_time})
-
     @app.get("/", include_in_schema=False)
     @app.get("/dashboard", include_in_schema=False)
     async def dashboard():
@@ -40,7 +34,7 @@ def add_dashboard_routes(app: FastAPI, engine, model_name: str, api_key_required
 
     @app.get("/dashboard/state")
     async def dashboard_state():
-        snap = await asyncio.wait_for(engine.call_in_engine(take), SNAPSHOT_TIMEOUT_S)
+        snap = await asyncio.wait_for(engine.call_utility("snapshot"), SNAPSHOT_TIMEOUT_S)
         snap["server"] = {"model": model_name, "version": pagedllm.__version__, "healthy": engine.is_healthy,
                           "auth_required": api_key_required}
         return JSONResponse(snap, headers=headers)

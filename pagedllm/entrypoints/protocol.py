@@ -43,6 +43,7 @@ class SamplingFields(OpenAIBase):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = False    # vLLM's: each choice (and streamed delta) also carries its token ids
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -68,7 +69,7 @@ class SamplingFields(OpenAIBase):
             include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
-            output_kind="delta", max_logprobs=max_logprobs)
+            output_kind="delta" if self.stream else "final", max_logprobs=max_logprobs)
 
     @property
     def include_usage(self) -> bool:

@@ -2,6 +2,8 @@
 
 import logging
 
+import torch
+
 from pagedllm.config import CacheConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -65,3 +67,16 @@ def kv_table(model: ModelConfig, num_seqs: int) -> str:
     rows += [f"| {t:,} | {format_bytes(t * per_token)} | {format_bytes(t * per_token * num_seqs)} |"
              for t in lengths]
     return "\n".join(rows)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes, each distinct storage once (a tied embedding counts once: it is read once
+    per step, as the LM head)."""
+    seen, total = set(), 0
+    for _, p in model.named_parameters(remove_duplicate=False):
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), p.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += p.numel() * p.element_size()
+    return total

@@ -1,10 +1,11 @@
 """Turns a SchedulerOutput into tensors, runs the model, and samples.
 
-Owns the model, the KV pool's memory and the sampler. On CUDA it sizes the pool from a profiled
-max-size step and runs steps through CUDA graphs (worker/cuda_graphs.py).
+Owns the model, the KV pool's memory, the sampler and the worker's copy of the running requests
+(worker/input_batch.py), which each step's SchedulerOutput updates. On CUDA it sizes the pool from
+a profiled max-size step and runs steps through CUDA graphs (worker/cuda_graphs.py).
 
 With tensor parallelism every rank has a ModelRunner over its share of the model. Rank 0 (the
-engine's) flattens each step into a _Batch and broadcasts it; the other ranks run the same
+engine core's) flattens each step into a _Batch and broadcasts it; the other ranks run the same
 forward through run_worker_step, so their collectives pair up, and take rank 0's sampled tokens.
 """
 
@@ -16,28 +17,19 @@ import numpy as np
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.core_types import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed.parallel_state import SINGLE, TPGroup
-from pagedllm.engine.request import PLACEHOLDER
-from pagedllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedllm.layers.attention import AttentionMetadata, SharedPrefixes, select_backend
 from pagedllm.models import loader
 from pagedllm.models.registry import model_class
 from pagedllm.worker import memory
 from pagedllm.worker.cuda_graphs import CudaGraphs
+from pagedllm.worker.input_batch import CachedRequestState, InputBatch
 from pagedllm.worker.sampler import Sampler, SamplingRow, prompt_logprobs
 from pagedllm.worker.shared_prefix import SharedPrefixPlan, plan_shared_prefixes
 from pagedllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    # request id -> (sampled logprob, rank, top ids, top logprobs)
-    logprobs: dict[str, tuple] = field(default_factory=dict)
-    # request id -> (first prompt position covered, [(logprob, rank, top ids, top logprobs), ...])
-    prompt_logprobs: dict[str, tuple[int, list[tuple]]] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -82,25 +74,30 @@ class _Batch:
 
 
 class PendingStep:
-    """A step issued to the device; result() waits for it and returns plain Python values."""
+    """A step issued to the device; result() waits for it, writes the sampled values over the
+    requests' placeholders and returns plain Python values."""
 
-    def __init__(self, request_ids: list[str], tokens, logprobs, prompt_logprobs: dict, event) -> None:
-        self.request_ids = request_ids
+    def __init__(self, sampling: list[CachedRequestState], tokens, logprobs, prompt_logprobs: dict, event) -> None:
+        self.sampling = sampling        # the requests that sampled, each ending in this step's PLACEHOLDER
+        self.indices = [len(r.output_token_ids) - 1 for r in sampling]
         self.tokens = tokens            # host tensor (pinned on CUDA), filled asynchronously
-        self.logprobs = logprobs        # None or (request ids, host tensors) likewise
+        self.logprobs = logprobs        # None or (top-N per row, host tensors) likewise
         self.prompt_logprobs = prompt_logprobs
         self.event = event
 
-    def result(self) -> ModelOutput:
+    def result(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
-        out = ModelOutput(prompt_logprobs=self.prompt_logprobs)
+        request_ids = [r.request_id for r in self.sampling]
+        out = ModelRunnerOutput(request_ids=request_ids, prompt_logprobs=self.prompt_logprobs)
         if self.tokens is not None:
-            out.sampled = dict(zip(self.request_ids, self.tokens.tolist()))
+            out.sampled_token_ids = self.tokens.tolist()
+            for request, index, token in zip(self.sampling, self.indices, out.sampled_token_ids):
+                request.output_token_ids[index] = token
         if self.logprobs is not None:
             wanted, tensors = self.logprobs
             chosen, ranks, top_ids, top_values = (t.tolist() for t in tensors)
-            for i, (request_id, n) in enumerate(zip(self.request_ids, wanted)):
+            for i, (request_id, n) in enumerate(zip(request_ids, wanted)):
                 if n is not None:
                     out.logprobs[request_id] = (chosen[i], ranks[i], top_ids[i][:n], top_values[i][:n])
         return out
@@ -125,9 +122,8 @@ class ModelRunner:
         attn = self.model.attention_layers()[0]
         self.shared_tile_size = attn.backend.shared_tile_seqs(attn.num_heads, attn.num_kv_heads)
         self.sampler = Sampler(self.hf_config.vocab_size, config.scheduler.eos_token_ids)
-        self.generators: dict[str, torch.Generator] = {}
+        self.input_batch = InputBatch()
         self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self._prev_rows: dict[str, int] = {}
         self.graphs: CudaGraphs | None = None
         self.num_blocks = self._size_pool()
         self.capacity = memory.log_capacity(config.model, config.cache, self.num_blocks)
@@ -210,26 +206,24 @@ class ModelRunner:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = pool[0, i], pool[1, i]
 
-    # ---- per step ---------------------------------------------------------------------------
-    def release(self, request_ids) -> None:
-        for request_id in request_ids:
-            self.generators.pop(request_id, None)
+    def model_info(self) -> dict:
+        """What the benchmarks and tests ask about the loaded model (plain values)."""
+        return {"weight_bytes": memory.weight_bytes(self.model), "cuda_graphs": self.graphs is not None,
+                "kv_pool_shape": list(self.kv_pool.shape), "dtype": self.config.model.dtype}
 
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> _Batch:
+    # ---- per step ---------------------------------------------------------------------------
+    def _prepare(self, out: SchedulerOutput, requests: list[CachedRequestState]) -> tuple[_Batch, list[int]]:
         """Flatten the step into per-token and per-sequence lists (the per-step host hot path:
-        decodes take the short branch)."""
+        decodes take the short branch); also returns the indices of the requests that sample."""
         bs = self.block_size
         b = _Batch([], [], [], [0], [], [], [])
         input_ids, positions, slots, tables = b.input_ids, b.positions, b.slot_mapping, b.block_tables
+        sampling = []
         total = 0
-        for index, item in enumerate(scheduled):
-            request, start, n = item.request, item.start, item.num_new_tokens
+        for index, (request, n, start) in enumerate(zip(requests, out.num_scheduled_tokens, out.num_computed_tokens)):
             blocks = request.block_ids
             if n == 1:
-                num_prompt = len(request.prompt_token_ids)
-                token = (request.output_token_ids[start - num_prompt] if start >= num_prompt
-                         else request.prompt_token_ids[start])
-                input_ids.append(token)
+                input_ids.append(request.token_at(start))
                 positions.append(start)
                 slots.append(blocks[start // bs] * bs + start % bs)
             else:
@@ -239,19 +233,20 @@ class ModelRunner:
                 slots.extend((np.asarray(blocks)[span // bs] * bs + span % bs).tolist())
             if input_ids[-1] == PLACEHOLDER:   # sampled by the step still in flight
                 b.pending_at.append(total + n - 1)
-                b.pending_rows.append(self._prev_rows[request.request_id])
+                b.pending_rows.append(request.prev_row)
             total += n
             b.cu_seqlens_q.append(total)
             b.seq_lens.append(start + n)
             tables.append(blocks)
-            if item.samples:
+            if start + n == request.num_tokens:
                 b.logits_indices.append(total - 1)
-            if request.needs_prompt_logprobs:
-                scored = min(start + n, request.num_prompt_tokens - 1) - start
+                sampling.append(index)
+            if request.sampling_params.prompt_logprobs is not None:
+                scored = min(start + n, len(request.prompt_token_ids) - 1) - start
                 if scored > 0:
                     b.prompt_spans.append((index, start, scored))
                     b.prompt_rows.extend(range(total - n, total - n + scored))
-        return b
+        return b, sampling
 
     def _tensors(self, b: _Batch, tables: np.ndarray, single_lens: np.ndarray | None,
                  plan: SharedPrefixPlan | None):
@@ -280,31 +275,33 @@ class ModelRunner:
             input_ids[at] = self._prev_tokens[rows]
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> PendingStep:
+    def execute_model(self, out: SchedulerOutput) -> PendingStep:
         """Issue one step to the device without waiting for it: sampled tokens stay on the device
         for the next step's inputs and are copied to the host in the background."""
-        batch = self._prepare(out.scheduled)
+        requests = self.input_batch.apply(out)
+        batch, sampling_index = self._prepare(out, requests)
         self.in_step = True
         self.tp.broadcast_object(batch)
         logits = self._execute(batch)
-        sampling = [item for item in out.scheduled if item.samples]
-        request_ids = [item.request.request_id for item in sampling]
+        sampling = [requests[i] for i in sampling_index]
         tokens = logprobs = None
         if sampling:
-            rows = [self._sampling_row(item) for item in sampling]
+            rows = [self._sampling_row(request) for request in sampling]
             sample = self.sampler(logits[:len(sampling)], rows, self._prev_tokens)
             self._prev_tokens = self.tp.broadcast(sample.token_ids)   # the other ranks' next inputs
-            self._prev_rows = {request_id: i for i, request_id in enumerate(request_ids)}
+            for row, request in enumerate(sampling):
+                request.output_token_ids.append(PLACEHOLDER)
+                request.prev_row = row
             tokens = _to_host(sample.token_ids)
             if sample.logprobs is not None:
                 logprobs = ([r.params.logprobs for r in rows], [_to_host(t) for t in sample.logprobs])
         self.in_step = False
-        prompt = self._prompt_logprobs(out.scheduled, batch, logits[len(sampling):] if batch.prompt_rows else None)
+        prompt = self._prompt_logprobs(requests, batch, logits[len(sampling):] if batch.prompt_rows else None)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return PendingStep(request_ids, tokens, logprobs, prompt, event)
+        return PendingStep(sampling, tokens, logprobs, prompt, event)
 
     @torch.inference_mode()
     def run_worker_step(self, batch: _Batch) -> None:
@@ -348,25 +345,19 @@ class ModelRunner:
             lens = single_lens
         return single_lens, plan_shared_prefixes(tables, lens, self.block_size, self.shared_tile_size)
 
-    def _sampling_row(self, item: ScheduledRequest) -> SamplingRow:
-        request = item.request
+    def _sampling_row(self, request: CachedRequestState) -> SamplingRow:
         params = request.sampling_params
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = self.generators.get(request.request_id)
-            if generator is None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed)
-                self.generators[request.request_id] = generator
-        pending = None
-        if request.output_token_ids and request.output_token_ids[-1] == PLACEHOLDER:
-            pending = self._prev_rows[request.request_id]
-        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator, pending)
+        if params.seed is not None and not params.greedy and request.generator is None:
+            request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        pending = request.prev_row if request.has_pending_token else None
+        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids,
+                           request.generator if not params.greedy else None, pending)
 
-    def _prompt_logprobs(self, scheduled, batch: _Batch, logits: torch.Tensor | None) -> dict:
+    def _prompt_logprobs(self, requests: list[CachedRequestState], batch: _Batch, logits: torch.Tensor | None) -> dict:
         result = {}
         offset = 0
         for index, start, count in batch.prompt_spans:
-            request = scheduled[index].request
+            request = requests[index]
             next_tokens = to_device(request.prompt_token_ids[start + 1:start + count + 1], torch.int64, self.device)
             result[request.request_id] = (start, prompt_logprobs(
                 logits[offset:offset + count], next_tokens, request.sampling_params.prompt_logprobs))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.engine.request import PLACEHOLDER
+from pagedllm.core_types import PLACEHOLDER
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.transfer import to_device
 
