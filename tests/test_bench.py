@@ -83,6 +83,31 @@ def test_prefix(tiny, tmp_path):
     assert (tmp_path / "pf.png").exists()
 
 
+def test_serve_vs_offline_small(tiny, tmp_path):
+    """The GPU suite's serve step at CPU size: offline, then the same requests through a real server
+    (two client processes, streamed and not, and the official client), and one streamed request."""
+    stem = tmp_path / "svo"
+    main(["bench", "serve-vs-offline", tiny, *COMMON, "--max-model-len", "512", "--num-prompts", "6",
+          "--nano-len-range", "8", "24", "--client-processes", "2", "--latency-input-len", "16",
+          "--latency-output-len", "6", "--output", str(stem)])
+    r = _load(stem)
+    requested = sum(n for _, n in _nano_lengths(6, 8, 24))
+    assert r["offline"]["output_tokens"] == requested and r["offline_latency"]["tpot_ms"] > 0
+    runs = r["served"]["1"]
+    for name in ("stream", "no_stream", "stream_openai"):
+        assert runs[name]["completed"] == 6 and runs[name]["failed"] == 0, runs[name]
+        assert runs[name]["total_output_tokens"] == requested and runs[name]["ratio_to_offline"] > 0
+    assert runs["stream"]["client_processes"] == 2 and runs["stream"]["client_cpu_s"] > 0
+    assert runs["stream"]["p99_ttft_ms"] >= runs["stream"]["p50_ttft_ms"] > 0
+    assert runs["single_stream"]["tpot_ms"] > 0 and runs["server_exit_code"] == 0
+    assert (tmp_path / "svo.png").exists()
+
+
+def _nano_lengths(num: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    from pagedllm.bench.workloads import nano_requests
+    return [(len(r.prompt_token_ids), r.output_len) for r in nano_requests(1000, num, lo, hi)]
+
+
 def test_hf_weights_match_greedy(tiny):
     from pagedllm import LLM, SamplingParams
     from pagedllm.bench.hf_baseline import build_hf_model

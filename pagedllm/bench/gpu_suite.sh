@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite (H100, Qwen3-0.6B bf16 with dummy weights: no checkpoint, no network).
 #   usage: bash pagedllm/bench/gpu_suite.sh OUT_DIR [STEP...]   (run from the repository root)
-# STEPs: latency prefix prefix-out10 prefix-hit75 throughput-nano (default: all; all together can
-# outlast one 10-minute device command, so run them in two calls). Writes OUT_DIR/STEP.{json,md,png}
+# STEPs: latency prefix prefix-out10 prefix-hit75 throughput-nano serve-nano serve-profile (default: the
+# first five; all together can outlast one 10-minute device command, so run them in two calls).
+# serve-nano: offline nano + latency, then the same requests through `pagedllm serve` with 1 and 2 API
+# processes, streamed and not (bench serve-vs-offline); serve-profile: py-spy of a live server. Writes OUT_DIR/STEP.{json,md,png}
 # and one log per step. Each step has its own time limit and a failing step does not stop the others.
 # The prefix steps: prefix is DESIGN.md's example (10 system prompts x 10 requests, 128 output
 # tokens); prefix-out10 the same with 10 output tokens (vLLM's prefix-caching benchmark default);
@@ -58,6 +60,10 @@ step prefix-out10 110 "${PREFIX[@]}" --num-prefixes 10 --per-prefix 10 --output-
 step prefix-hit75 150 "${PREFIX[@]}" --num-prefixes 4 --per-prefix 50 --output-len 10 --output "$OUT/prefix-hit75"
 step throughput-nano 300 "${CLI[@]}" throughput "$MODEL" "${ENGINE[@]}" --workload nano --num-prompts 256 \
   --baseline hf --hf-batch-size 128 --hf-max-requests 128 --hf-timeout 100 --output "$OUT/throughput-nano"
+
+step serve-nano 420 "${CLI[@]}" serve-vs-offline "$MODEL" "${ENGINE[@]}" --api-server-counts 1 2 \
+  --client-processes 4 --output "$OUT/serve-nano"
+step serve-profile 240 bash pagedllm/bench/serve_profile.sh "$OUT"
 
 ls -la "$OUT" | tee -a "$OUT/suite.log"
 exit $status

@@ -15,7 +15,7 @@ def bar_chart(path: str | Path, labels: list[str], values: list[float], title: s
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(labels) + 1), 3.6))
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#7f7f7f"]
-    bars = ax.bar(range(len(values)), values, color=colors[:len(values)])
+    bars = ax.bar(range(len(values)), values, color=[colors[i % len(colors)] for i in range(len(values))])
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -65,13 +65,24 @@ def latency_plot(result: dict, output: str) -> Path | None:
     return bar_chart(output, labels, values, f"latency, batch 1\n{result.get('device')}", "ms")
 
 
+def serve_vs_offline_plot(result: dict, output: str) -> Path | None:
+    labels, values = ["offline"], [result["offline"]["output_tokens_per_s"]]
+    for count, runs in result["served"].items():
+        for name in ("stream", "no_stream", "stream_openai"):
+            labels.append(f"{name.replace('_', ' ')}\n{count} API proc")
+            values.append(runs[name]["output_throughput"])
+    title = f"nano workload through the server vs offline, {result.get('model')}\n{result.get('device')}"
+    return bar_chart(output, labels, values, title, "output tokens/s")
+
+
 def plot_json(path: str | Path) -> Path | None:
     """Re-draw the PNG of a saved result (e.g. on a machine that has matplotlib)."""
     import json
     path = Path(path)
     result = json.loads(path.read_text())
     kind = result.get("benchmark")
-    fn = {"throughput": throughput_plot, "prefix": prefix_plot, "latency": latency_plot}.get(kind)
+    fn = {"throughput": throughput_plot, "prefix": prefix_plot, "latency": latency_plot,
+          "serve_vs_offline": serve_vs_offline_plot}.get(kind)
     if fn is None or (kind == "throughput" and not isinstance(result.get("baselines", {}), dict)):
         print(f"{path}: nothing to plot")
         return None

@@ -125,7 +125,6 @@ async def _one_openai(client, cfg: ClientConfig, req: BenchRequest) -> RequestRe
     last = result.start
     body = _body(cfg, req)
     extra = {"ignore_eos": body.pop("ignore_eos")}
-    body.setdefault("model", "")
     try:
         response = await client.completions.create(**body, extra_body=extra)
         if not cfg.stream:
@@ -299,7 +298,6 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--client", choices=["aiohttp", "openai"], default="aiohttp")
     p.add_argument("--client-processes", type=int, default=1, help="split the requests over this many processes")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0)
 
 
@@ -308,6 +306,7 @@ def add_parser(bench) -> None:
     p.add_argument("--base-url", default="http://localhost:8000/v1")
     p.add_argument("--model", default=None, help="default: the first of the server's /v1/models")
     add_client_args(p)
+    p.add_argument("--seed", type=int, default=0, help="of the random prompts and of the arrival times")
     p.add_argument("--baseline-single", action="store_true",
                    help="first run one request alone, and report the wall-time ratio")
     p.add_argument("--output", default=None, help="path stem for the .json and .md results")

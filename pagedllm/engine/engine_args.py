@@ -60,6 +60,20 @@ class EngineArgs:
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--device", default=None)
 
+    def to_cli_args(self) -> list[str]:
+        """The flags that give these arguments (to start `pagedllm serve` like this engine)."""
+        out = [self.model] if self.model else []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("model", "core_process") or value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                out.append(flag if value else "--no-" + flag[2:])
+            else:
+                out += [flag, str(value)]
+        return out
+
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, **overrides) -> "EngineArgs":
         """The EngineArgs of parsed flags (those add_cli_args defines), with `overrides` on top."""

@@ -27,13 +27,16 @@ from pagedllm.entrypoints.serving_completion import create_completion
 
 
 class _APIKeyMiddleware:
-    """Pure ASGI (keeps streaming and disconnect detection intact): /v1/* needs the key."""
+    """Pure ASGI (keeps streaming and disconnect detection intact): /v1/* and the engine's controls
+    need the key."""
 
     def __init__(self, app, api_key: str) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode("utf-8")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope.get("method") != "OPTIONS":
+        path = scope.get("path", "")
+        if (scope["type"] == "http" and (path.startswith("/v1") or path == "/reset_prefix_cache")
+                and scope.get("method") != "OPTIONS"):
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"")
             if not hmac.compare_digest(auth, self.expected):    # constant time: no timing side channel
@@ -80,6 +83,12 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, max
         if not engine.is_healthy:
             return error_response(503, f"the engine core is not running: {engine.dead_error}",
                                   "ServiceUnavailableError")
+        return Response(status_code=200)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """Forget the cached prefix blocks no request is using (vLLM's; for benchmarks)."""
+        await engine.call_utility("reset_prefix_cache")
         return Response(status_code=200)
 
     @app.get("/version")
