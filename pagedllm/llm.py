@@ -1,5 +1,6 @@
 """The offline API: LLM(...).generate(prompts, sampling_params) and .chat(messages, ...)."""
 
+import contextlib
 from collections.abc import Sequence
 
 from tqdm import tqdm
@@ -30,7 +31,8 @@ class LLM:
         self.shutdown()
 
     def __del__(self) -> None:
-        self.shutdown()
+        with contextlib.suppress(Exception):   # best effort: at interpreter exit much is gone already
+            self.shutdown()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
