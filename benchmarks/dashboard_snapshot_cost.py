@@ -19,7 +19,7 @@ from pagedllm.config import SchedulerConfig
 from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import Scheduler
-from pagedllm.engine.snapshot import engine_snapshot
+from pagedllm.engine.snapshot import ColourBook, engine_snapshot
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -77,10 +77,11 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for num_blocks, running, waiting in [(4096, 16, 0), (4096, 64, 32), (35_000, 256, 256), (100_000, 256, 1000)]:
         engine = busy_engine(num_blocks, running, waiting)
-        snap = engine_snapshot(engine)
-        snap_us = timeit(lambda: engine_snapshot(engine))
+        colours = ColourBook()
+        snap = engine_snapshot(engine, colours)
+        snap_us = timeit(lambda: engine_snapshot(engine, colours))
         id_cache: dict = {}
-        warm_us = timeit(lambda: engine_snapshot(engine, id_cache=id_cache))
+        warm_us = timeit(lambda: engine_snapshot(engine, colours, id_cache=id_cache))
         json_us = timeit(lambda: json.dumps(snap))
         c = snap["counters"]
         print(f"| {num_blocks:,} | {c['num_running']} | {c['num_waiting']} | {c['blocks_in_use']:,} | "

@@ -19,7 +19,7 @@ from pagedllm.config import SchedulerConfig
 from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import Scheduler
-from pagedllm.engine.snapshot import FIRST_COLOUR, block_states, colour_of
+from pagedllm.engine.snapshot import FIRST_COLOUR, NUM_COLOURS, ColourBook, block_states
 from pagedllm.sampling_params import SamplingParams
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -45,24 +45,26 @@ def test_block_states_free_cached_in_use_shared():
     a = _admit(kv, scheduler, "a", prefix + [1, 2, 3, 4, 5])
     b = _admit(kv, scheduler, "b", prefix + [6, 7, 8])
     cache: dict = {}
-    states, cell = block_states(kv, scheduler.requests, id_cache=cache)
+    colours = ColourBook()
+    colours.update(scheduler.requests)
+    states, cell = block_states(kv, scheduler.requests, colours, id_cache=cache)
     assert cell == 1 and len(states) == 32
     shared = set(a.block_ids) & set(b.block_ids)
     assert len(shared) == 2 and all(states[i] == "2" for i in shared)
     for r in (a, b):
         own = int(states[next(i for i in r.block_ids if i not in shared)], 36)
-        assert own == FIRST_COLOUR + colour_of(r.request_id)
+        assert own == FIRST_COLOUR + colours.colour(r.request_id)
     assert states.count("0") == 32 - len(set(a.block_ids) | set(b.block_ids))
     # b ends: its partial block goes back, the shared prefix stays a's
     scheduler.running.remove(b)
     del scheduler.requests["b"]
     kv.free(b)
-    states, _ = block_states(kv, scheduler.requests, id_cache=cache)
+    states, _ = block_states(kv, scheduler.requests, colours, id_cache=cache)
     assert "b" not in cache
-    assert all(int(states[i], 36) == FIRST_COLOUR + colour_of("a") for i in a.block_ids)
+    assert all(int(states[i], 36) == FIRST_COLOUR + colours.colour("a") for i in a.block_ids)
     scheduler.running.remove(a)
     kv.free(a)
-    states, _ = block_states(kv, {}, id_cache=cache)
+    states, _ = block_states(kv, {}, colours, id_cache=cache)
     assert set(states) == {"0", "1"} and states.count("1") == len(kv.pool.cached) == 3
 
 
@@ -70,10 +72,27 @@ def test_block_states_groups_large_pools():
     kv = KVCacheManager(num_blocks=10_000, block_size=4)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096, max_model_len=4096), kv)
     r = _admit(kv, scheduler, "big", list(range(4000)))  # 1000 blocks
-    states, cell = block_states(kv, scheduler.requests, max_cells=4096)
+    colours = ColourBook()
+    colours.update(scheduler.requests)
+    states, cell = block_states(kv, scheduler.requests, colours, max_cells=4096)
     assert cell == 3 and len(states) == 3334
     used = sum(1 for ch in states if ch not in "01")
     assert abs(used - len(r.block_ids) / 3) <= 2
+
+
+def test_running_requests_get_distinct_colours_that_stay_put():
+    book = ColourBook()
+    book.update(["a", "b", "c#0", "c#1"])                # a request's n sequences share one colour
+    first = {r: book.colour(r) for r in ("a", "b", "c#0", "c#1")}
+    assert first["c#0"] == first["c#1"] and len({first["a"], first["b"], first["c#0"]}) == 3
+    book.update(["b", "c#0", "c#1", "d"])                 # a ends, d arrives: the others keep theirs
+    assert book.colour("b") == first["b"] and book.colour("c#1") == first["c#1"]
+    assert book.colour("d") not in (first["b"], first["c#0"])
+    ids = [f"r{i}" for i in range(NUM_COLOURS)]
+    book.update(ids)                                      # as many requests as colours: all distinct
+    assert len({book.colour(r) for r in ids}) == NUM_COLOURS
+    book.update(ids + ["extra"])                          # one more: it shares a colour, nothing breaks
+    assert 0 <= book.colour("extra") < NUM_COLOURS
 
 
 # ---- the endpoints -----------------------------------------------------------------------------------
@@ -102,8 +121,9 @@ def test_dashboard_endpoints_are_open_and_bounded(server):  # noqa: F811
 def browser(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), \
-        "Debian's chromium and chromium-driver are needed (make setup installs them)"
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("Debian's chromium and chromium-driver are not installed: `make test` installs them with "
+                    "apt-get, which needs root")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",

@@ -5,6 +5,7 @@ import asyncio
 import json
 import re
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import openai
@@ -338,6 +339,60 @@ def test_client_disconnect_non_streaming_frees_request(server):  # noqa: F811
                    headers={"Authorization": f"Bearer {server.api_key}"})
     m = wait_idle(server)
     assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
+
+
+# ---- what real clients rely on -------------------------------------------------------------------------
+def _readme_sdk_snippet() -> str:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("```python", readme.index("Point the official SDK at it"))
+    return readme[start + len("```python"):readme.index("```", start + 3)]
+
+
+def test_readme_sdk_snippet_runs_as_pasted(server, capsys):  # noqa: F811
+    code = _readme_sdk_snippet().replace("http://localhost:8000/v1", server.base_url)
+    code = code.replace('api_key="unused"', f'api_key="{server.api_key}"')   # the test server has a key
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    answer, logprob_lines = lines[:-5], lines[-5:]
+    assert "".join(answer).strip()
+    assert all(re.match(r"^'.*': '.*' \d+%, '.*' \d+%, '.*' \d+%$", line) for line in logprob_lines), lines
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(server, client, smollm):  # noqa: F811
+    prompt = "The capital of France is Paris"
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    [choice] = out.choices
+    assert choice.text == prompt and choice.finish_reason == "length" and out.usage.completion_tokens == 0
+    offline = smollm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+    ids = offline.prompt_token_ids
+    assert out.usage.prompt_tokens == len(ids) and len(choice.logprobs.tokens) == len(ids)
+    assert choice.logprobs.token_logprobs[0] is None
+    expected = [offline.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    streamed = list(client.completions.create(model=server.model, prompt=prompt, max_tokens=0, echo=True,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == prompt
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+def test_prompt_tokens_count_whole_prompts_when_cached(server, client, http):  # noqa: F811
+    prompt = "A prompt long enough to fill a few blocks of the prefix cache. " * 4
+    n = len(http.post("/tokenize", json={"prompt": prompt}).json()["tokens"])
+    rises = []
+    for _ in range(2):
+        before = metrics(server)
+        client.completions.create(model=server.model, prompt=prompt, max_tokens=1)
+        after = metrics(server)
+        rises.append((after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"],
+                      after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]))
+    assert [r[0] for r in rises] == [n, n] and rises[1][1] >= 16, rises   # the repeat hit the cache
+
+
+def test_tokenizer_info(server):  # noqa: F811
+    info = httpx.get(server.url + "/tokenizer_info", timeout=30).json()   # no key: not under /v1
+    assert info["tokenizer_class"] and info["eos_token"] == "<|im_end|>" and info["vocab_size"] == 49152
+    assert "<|im_start|>" in info["chat_template"]
+    assert not any(key.endswith("_file") for key in info)
 
 
 # ---- the server computes what the offline engine computes ------------------------------------------

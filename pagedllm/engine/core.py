@@ -20,7 +20,7 @@ from pagedllm.core_types import EngineCoreOutputs, EngineCoreRequest, SchedulerO
 from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler
-from pagedllm.engine.snapshot import engine_snapshot
+from pagedllm.engine.snapshot import ColourBook, engine_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class EngineCore:
         self.num_decode_steps = 0
         self.step_time = 0.0
         self._snapshot_ids: dict = {}   # the dashboard snapshot's per-request cache
+        self._colours = ColourBook()    # and its colours, kept from poll to poll
 
     @classmethod
     def from_config(cls, config: EngineConfig, source) -> "EngineCore":
@@ -122,9 +123,7 @@ class EngineCore:
             entry = model_out.logprobs.get(request_id)
             if entry is not None:
                 out.logprobs[request_id] = entry
-        for request_id, entry in model_out.prompt_logprobs.items():
-            if request_id in self.scheduler.requests:
-                out.prompt_logprobs[request_id] = entry
+        out.prompt_logprobs = model_out.prompt_logprobs   # (the front end drops those of aborted requests)
         if advanced:
             self.generation_tokens += len(advanced)
             self.num_decode_steps += 1
@@ -166,4 +165,4 @@ class EngineCore:
     def snapshot(self, max_cells: int | None = None) -> dict:
         """The dashboard's picture of the engine (engine/snapshot.py)."""
         kwargs = {} if max_cells is None else {"max_cells": max_cells}
-        return engine_snapshot(self, id_cache=self._snapshot_ids, **kwargs)
+        return engine_snapshot(self, self._colours, id_cache=self._snapshot_ids, **kwargs)

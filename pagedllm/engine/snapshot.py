@@ -15,7 +15,7 @@ blocks); the request rows are bounded by MAX_LISTED. See benchmarks/dashboard_sn
 """
 
 import time
-import zlib
+from collections import deque
 
 import numpy as np
 
@@ -26,36 +26,57 @@ MAX_LISTED = 64          # rows of the running and of the waiting table
 _DIGITS = bytes.maketrans(bytes(range(36)), b"0123456789abcdefghijklmnopqrstuvwxyz")
 
 
-def colour_of(request_id: str) -> int:
-    """A stable colour index for a request (children of an n > 1 request share their parent's)."""
-    return zlib.crc32(request_id.split("#", 1)[0].encode()) % NUM_COLOURS
+class ColourBook:
+    """Each request's colour on the dashboard, kept from poll to poll: a new request takes a colour
+    no live request has, the one freed longest ago, so up to NUM_COLOURS requests at once never
+    share one (beyond that, the least-used colour is shared). The n sequences of a request share
+    their parent's colour."""
+
+    def __init__(self, num_colours: int = NUM_COLOURS) -> None:
+        self.of: dict[str, int] = {}           # parent request id -> colour
+        self.holders = [0] * num_colours
+        self.free = deque(range(num_colours))  # colours no request has, freed longest ago first
+
+    def update(self, request_ids) -> None:
+        """The live requests now (in arrival order): free the colours of those gone, colour the new."""
+        live = dict.fromkeys(r.split("#", 1)[0] for r in request_ids)
+        for parent in [p for p in self.of if p not in live]:
+            colour = self.of.pop(parent)
+            self.holders[colour] -= 1
+            if self.holders[colour] == 0:
+                self.free.append(colour)
+        for parent in live:
+            if parent not in self.of:
+                colour = self.free.popleft() if self.free else min(range(len(self.holders)),
+                                                                   key=self.holders.__getitem__)
+                self.of[parent] = colour
+                self.holders[colour] += 1
+
+    def colour(self, request_id: str) -> int:
+        return self.of[request_id.split("#", 1)[0]]
 
 
-def block_states(kv_cache, requests: dict | None = None, max_cells: int = MAX_CELLS,
+def block_states(kv_cache, requests: dict, colours: ColourBook, max_cells: int = MAX_CELLS,
                  id_cache: dict | None = None) -> tuple[str, int]:
     """(states string, cell_size): see the module docstring. `requests` maps request id -> Request
-    (the scheduler's), whose `block_ids` mirror the manager's block lists as plain ints. `id_cache`
-    (a dict kept by the caller across calls) holds each request's block ids as an array, so a
-    repeated snapshot only converts the blocks added since the last one."""
+    (the scheduler's), whose `block_ids` mirror the manager's block lists as plain ints; `colours`
+    knows every one of them. `id_cache` (a dict kept by the caller across calls) holds each request's
+    block ids as an array, so a repeated snapshot only converts the blocks added since the last one."""
     pool = kv_cache.pool
     n = len(pool.hashed)
     states = np.frombuffer(bytes(pool.hashed), dtype=np.uint8).copy()   # 0 free, 1 cached
-    arrays, colours = [], []
+    arrays, palette = [], []
     for request_id, blocks in kv_cache.block_lists().items():
-        request = requests.get(request_id) if requests else None
-        if request is not None:
-            ids = _ids(request_id, request.block_ids, id_cache)
-        else:
-            ids = np.fromiter((b.block_id for b in blocks), dtype=np.int64, count=len(blocks))
+        ids = _ids(request_id, requests[request_id].block_ids, id_cache)
         arrays.append(ids)
-        colours.append(FIRST_COLOUR + colour_of(request_id))
+        palette.append(FIRST_COLOUR + colours.colour(request_id))
     if id_cache is not None and len(id_cache) > len(arrays):
         for request_id in [r for r in id_cache if r not in kv_cache.block_lists()]:
             del id_cache[request_id]
     if arrays:
         lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
         flat = np.concatenate(arrays)
-        states[flat] = np.repeat(np.array(colours, dtype=np.uint8), lengths)
+        states[flat] = np.repeat(np.array(palette, dtype=np.uint8), lengths)
         states[np.bincount(flat, minlength=n) > 1] = SHARED   # a prefix block several requests hold
     if n <= max_cells:
         return states.tobytes().translate(_DIGITS).decode("ascii"), 1
@@ -97,10 +118,10 @@ def _group(states: np.ndarray, n: int, max_cells: int) -> str:
     return out.astype(np.uint8).tobytes().translate(_DIGITS).decode("ascii")
 
 
-def _row(request) -> dict:
+def _row(request, colours: ColourBook) -> dict:
     return {
         "id": request.request_id,
-        "colour": colour_of(request.request_id),
+        "colour": colours.colour(request.request_id),
         "prompt_tokens": request.num_prompt_tokens,
         "generated_tokens": request.num_known_tokens - request.num_prompt_tokens,
         "computed_tokens": request.num_computed_tokens,
@@ -111,13 +132,15 @@ def _row(request) -> dict:
     }
 
 
-def engine_snapshot(core, max_cells: int = MAX_CELLS, id_cache: dict | None = None) -> dict:
+def engine_snapshot(core, colours: ColourBook, max_cells: int = MAX_CELLS, id_cache: dict | None = None) -> dict:
     """The dashboard's view of an EngineCore (see the module docstring for the block states). Pass
-    the same `id_cache` dict to repeated calls on one engine to make them cheaper."""
+    the same `colours` and `id_cache` to repeated calls on one engine: colours stay put, and the
+    calls are cheaper."""
     kv = core.kv_cache
     scheduler = core.scheduler
-    states, cell_size = block_states(kv, scheduler.requests, max_cells, id_cache)
     running, waiting = scheduler.running, scheduler.waiting
+    colours.update([r.request_id for r in running] + [r.request_id for r in waiting])   # running first
+    states, cell_size = block_states(kv, scheduler.requests, colours, max_cells, id_cache)
     model = core.config.model
     capacity = dict(core.executor.capacity)
     capacity.update(max_model_len=model.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
@@ -144,8 +167,8 @@ def engine_snapshot(core, max_cells: int = MAX_CELLS, id_cache: dict | None = No
     return {
         "blocks": {"states": states, "cell_size": cell_size, "num_blocks": kv.num_blocks,
                    "num_colours": NUM_COLOURS},
-        "running": [_row(r) for r in running[:MAX_LISTED]],
-        "waiting": [_row(r) for r in _head(waiting, MAX_LISTED)],
+        "running": [_row(r, colours) for r in running[:MAX_LISTED]],
+        "waiting": [_row(r, colours) for r in _head(waiting, MAX_LISTED)],
         "counters": counters,
         "kv": capacity,
     }

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 import pagedllm
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints import protocol
-from pagedllm.entrypoints.chat import render_chat
+from pagedllm.entrypoints.chat import describe_tokenizer, render_chat
 from pagedllm.entrypoints.dashboard import add_dashboard_routes
 from pagedllm.entrypoints.errors import APIError, add_error_handlers, bad_request, error_response
 from pagedllm.entrypoints.limits import BodyLimitMiddleware, ServerLimits
@@ -120,6 +120,14 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, max
         except ValueError as exc:
             raise bad_request(exc, {"prompt", "messages"}) from None
         return {"count": len(tokens), "max_model_len": model.max_model_len, "tokens": tokens}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """The tokenizer's configuration, in vLLM's shape (what remote-tokenizer clients such as
+        lm-eval read: its class, special tokens and chat template)."""
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        return json_response(describe_tokenizer(engine.tokenizer))
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):

@@ -61,3 +61,17 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = True,
         return tokenizer(text, add_special_tokens=False).input_ids
     except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the messages
         raise ValueError(f"messages could not be tokenized: {exc}") from exc
+
+
+def describe_tokenizer(tokenizer) -> dict:
+    """The tokenizer's own settings (file paths left out, values as JSON can hold them), its class,
+    special tokens and chat template: vLLM's /tokenizer_info."""
+    info = {}
+    for key, value in (getattr(tokenizer, "init_kwargs", None) or {}).items():
+        if key.endswith("_file") or key == "name_or_path":
+            continue
+        info[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+    info.update(tokenizer.special_tokens_map)
+    info.update(tokenizer_class=type(tokenizer).__name__, chat_template=getattr(tokenizer, "chat_template", None),
+                vocab_size=len(tokenizer))
+    return info

@@ -88,17 +88,21 @@ class _Choice:
 
 
 class CompletionChoice(_Choice):
-    """A /v1/completions choice. `echo`: the prompt's (text, token ids), put before the output."""
+    """A /v1/completions choice. `echo`: the prompt's (text, token ids), put before the output;
+    `score_only`: the prompt alone is the answer (echo with max_tokens 0), the output is dropped."""
 
     def __init__(self, index: int, tokenizer, want_logprobs: bool, echo: tuple[str, list[int]] | None,
-                 prompt_token_ids: list[int] | None = None) -> None:
+                 prompt_token_ids: list[int] | None = None, score_only: bool = False) -> None:
         super().__init__(index, prompt_token_ids is not None)
         self.tokenizer, self.echo, self.prompt_token_ids = tokenizer, echo, prompt_token_ids
+        self.score_only = score_only
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} \
             if want_logprobs else None
         self.offset = 0
 
     def update(self, c: CompletionOutput, prompt_logprobs: list | None) -> dict | None:
+        if self.score_only:
+            c = CompletionOutput(c.index, "", [], finish_reason=c.finish_reason and "length")
         text, ids, lps = c.text, c.token_ids, c.logprobs or []
         if self.echo is not None:
             prompt_text, prompt_ids = self.echo

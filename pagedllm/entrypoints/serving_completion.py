@@ -50,10 +50,14 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
             raise ValueError("suffix is not supported")
         if req.best_of is not None and req.best_of != req.n:
             raise ValueError("best_of is not supported (only best_of == n)")
+        # max_tokens 0 with echo scores the prompt (as vLLM and OpenAI's legacy API do): it runs with one
+        # output token, for its prompt logprobs, and the response leaves that token out
+        score_only = req.echo and req.max_tokens == 0
         prompts = completion_prompts(ctx, req.prompt)
         echoes = [(_echo_text(ctx, text, ids), ids) if req.echo else None for text, ids in prompts]
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = req.sampling_params(
-            max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=req.logprobs,
+            max_tokens=1 if score_only else max_tokens, logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None,
             max_logprobs=ctx.max_logprobs)
     except ValueError as exc:
@@ -61,7 +65,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     request_id = random_id("cmpl")
     added = add_prompts(ctx.engine, request_id, prompts, params, FIELDS)
     choices = [[CompletionChoice(p * req.n + i, ctx.engine.tokenizer, req.logprobs is not None, echo,
-                                 ids if req.return_token_ids else None)
+                                 ids if req.return_token_ids else None, score_only)
                 for i in range(req.n)] for p, (echo, (_, ids)) in enumerate(zip(echoes, prompts))]
     head = {"id": request_id, "object": "text_completion", "created": protocol.now(), "model": ctx.model_name}
     prompt_tokens = sum(len(ids) for _, ids in prompts)
