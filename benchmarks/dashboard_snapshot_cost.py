@@ -58,7 +58,8 @@ def busy_engine(num_blocks: int, num_running: int, num_waiting: int, block_size:
                                          "token_capacity": num_blocks * block_size,
                                          "max_concurrency_at_max_model_len": num_blocks / 256})
     return SimpleNamespace(kv_cache=kv, scheduler=scheduler, config=SimpleNamespace(model=model), executor=executor,
-                           prompt_tokens=0, generation_tokens=0, finished={}, num_steps=0, step_time=0.0)
+                           prompt_tokens=0, generation_tokens=0, finished={}, num_steps=0, step_time=0.0,
+                           structured=SimpleNamespace(num_requests=0, compile_time=0.0))
 
 
 def timeit(fn, min_time: float = 0.5) -> float:

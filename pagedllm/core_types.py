@@ -94,6 +94,9 @@ class SchedulerStats(_Plain):
     num_steps: int = 0
     num_decode_steps: int = 0              # steps that sampled at least one token
     step_time: float = 0.0                 # seconds spent in steps
+    structured_requests: int = 0           # sequences under a grammar
+    grammar_compile_time: float = 0.0      # seconds spent compiling grammars (in a thread pool)
+    grammar_mask_time: float = 0.0         # seconds spent filling token bitmasks (in the step loop)
 
 
 class UtilityResult(_Plain):
@@ -111,6 +114,7 @@ class EngineCoreOutputs(_Plain):
     prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] = {}
     num_cached_tokens: dict[str, int] = {}     # with a request's first token
     queue_time: dict[str, float] = {}          # with a request's first token: arrival to first scheduled
+    errors: dict[str, str] = {}                # sequences the core gave up on (aborted there), and why
     scheduler_stats: SchedulerStats | None = None
     utility_results: list[UtilityResult] = []
     engine_info: dict | None = None        # the core's first message: it is ready

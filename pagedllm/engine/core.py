@@ -7,7 +7,10 @@ logprobs where asked. It runs in the process that uses it (InprocClient) or in i
 behind sockets (core_proc.py).
 
 Steps are pipelined: step() schedules and issues step N, then finishes step N-1, which ran on the
-device while step N was being prepared, and returns its outputs.
+device while step N was being prepared, and returns its outputs. A step with a request under a
+grammar (structured outputs) is issued in two parts: its forward first; then, once step N-1's
+tokens have advanced the grammars' matchers, the token bitmask and the sampling. The device runs
+step N's forward while the host does that, so the pipeline holds.
 """
 
 import logging
@@ -21,6 +24,7 @@ from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.snapshot import ColourBook, engine_snapshot
+from pagedllm.engine.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +33,11 @@ UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_stats", "model_info", "k
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor) -> None:
+    def __init__(self, config: EngineConfig, executor, load_tokenizer=lambda: None) -> None:
         self.config = config
         self.executor = executor
+        self.structured = StructuredOutputManager(load_tokenizer, config.model.hf_config.vocab_size)
+        self._errors: dict[str, str] = {}     # for the next outputs: sequences given up on here
         num_blocks = executor.num_blocks
         min_pool = -(-config.model.max_model_len // config.cache.block_size)
         if num_blocks < min_pool:
@@ -52,14 +58,16 @@ class EngineCore:
     @classmethod
     def from_config(cls, config: EngineConfig, source) -> "EngineCore":
         from pagedllm.executor import make_executor
+        from pagedllm.models.loader import load_tokenizer
         executor = make_executor(config, source)
         try:
-            return cls(config, executor)
+            return cls(config, executor, lambda: load_tokenizer(source))
         except BaseException:
             executor.shutdown()
             raise
 
     def shutdown(self, graceful: bool = True) -> None:
+        self.structured.shutdown()
         self.executor.shutdown(graceful)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -69,8 +77,10 @@ class EngineCore:
         for r in requests:
             params = r.sampling_params
             max_tokens = params.max_tokens if params.max_tokens is not None else max_len - len(r.prompt_token_ids)
-            self.scheduler.add_request(Request(r.request_id, r.prompt_token_ids, params, max_tokens,
-                                               arrival_time=r.arrival_time))
+            request = Request(r.request_id, r.prompt_token_ids, params, max_tokens, arrival_time=r.arrival_time)
+            if params.structured_outputs is not None:
+                self.structured.add(request)
+            self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Abort at any time; the blocks are freed at once (unknown or finished ids are ignored)."""
@@ -84,13 +94,21 @@ class EngineCore:
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
         start = time.monotonic()
+        self._give_up_on_broken_grammars()
         sched_out = self.scheduler.schedule()
         launched = None
         if not sched_out.is_empty:
             self.prompt_tokens += sched_out.num_prompt_tokens
             launched = (sched_out, self._guarded(sched_out, lambda: self.executor.execute_model(sched_out)))
+        if launched is None and self._in_flight is None:
+            self.structured.wait(0.05)    # nothing to run until a grammar compiles: wait, do not spin
         outputs = self._complete(*self._in_flight) if self._in_flight is not None else EngineCoreOutputs()
+        if launched is not None and launched[1].needs_bitmask:
+            bitmask = self.structured.bitmask(self.scheduler.sampling_requests(sched_out))
+            self._guarded(sched_out, lambda: launched[1].sample(*bitmask))
         self._in_flight = launched
+        if self._errors:
+            outputs.errors, self._errors = self._errors, {}
         self.num_steps += 1
         self.step_time += time.monotonic() - start
         return outputs
@@ -104,6 +122,12 @@ class EngineCore:
             logger.exception("the model failed in a step with requests %s", sched_out.request_ids)
             raise
 
+    def _give_up_on_broken_grammars(self) -> None:
+        for request in self.structured.take_failed():
+            if self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED) is not None:
+                error = request.grammar.future.exception()
+                self._errors[request.request_id] = f"its grammar could not be compiled: {error}"
+
     def _complete(self, sched_out: SchedulerOutput, pending) -> EngineCoreOutputs:
         model_out = self._guarded(sched_out, pending.result)
         advanced = self.scheduler.update_from_output(sched_out, model_out)
@@ -111,8 +135,11 @@ class EngineCore:
         for item in advanced:
             request = item.request
             request_id = request.request_id
+            token = request.output_token_ids[item.output_index]
+            if request.grammar is not None:
+                self._advance_grammar(request, token)
             out.request_ids.append(request_id)
-            out.new_token_ids.append(request.output_token_ids[item.output_index])
+            out.new_token_ids.append(token)
             if item.output_index == 0:
                 out.num_cached_tokens[request_id] = max(0, request.num_cached_tokens)
                 out.queue_time[request_id] = request.scheduled_time - request.arrival_time
@@ -129,6 +156,17 @@ class EngineCore:
             self.num_decode_steps += 1
         return out
 
+    def _advance_grammar(self, request: Request, token: int) -> None:
+        """The request's matcher takes its new token; a grammar that is complete ends the request
+        (as a stop), one that refuses the token (never, with the masks applied) aborts it."""
+        if request.is_finished:
+            return
+        if not self.structured.accept(request, token):
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED)
+            self._errors[request.request_id] = f"token {token} broke its grammar"
+        elif self.structured.terminated(request):
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+
     # ---- named calls (between two steps) ---------------------------------------------------------
     def call_utility(self, method: str, args: list):
         if method not in UTILITY_METHODS:
@@ -142,7 +180,9 @@ class EngineCore:
             kv_cache_usage=kv.usage, prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_computed=self.prompt_tokens, generation_tokens=self.generation_tokens,
-            num_steps=self.num_steps, num_decode_steps=self.num_decode_steps, step_time=self.step_time)
+            num_steps=self.num_steps, num_decode_steps=self.num_decode_steps, step_time=self.step_time,
+            structured_requests=self.structured.num_requests, grammar_compile_time=self.structured.compile_time,
+            grammar_mask_time=self.structured.mask_time)
 
     def get_stats(self) -> dict:
         return asdict(self.make_stats())

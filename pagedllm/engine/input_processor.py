@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from pagedllm.config import EngineConfig
 from pagedllm.core_types import EngineCoreRequest
+from pagedllm.engine.structured_output import grammar_of
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -73,6 +74,13 @@ class InputProcessor:
             raise ValueError(f"seed must be a 64-bit integer, got {params.seed}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer, and this model has none")
+            try:
+                grammar_of(params.structured_outputs)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs: {exc}") from None
         if params.logprobs is not None and params.logprobs > params.max_logprobs:
             raise ValueError(f"logprobs must be <= {params.max_logprobs}")
         for token in (params.logit_bias or {}):

@@ -63,6 +63,10 @@ class EngineMetrics:
         self.prefix_cache_hits = counter("vllm:prefix_cache_hits",
                                          "Prefix cache hits, in terms of number of cached tokens.")
         self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions.")
+        self.structured_requests = counter("pagedllm:structured_output_requests",
+                                           "Sequences generated under a grammar (structured outputs, tool calls).")
+        self.grammar_compile = counter("pagedllm:grammar_compile_seconds", "Seconds spent compiling grammars.")
+        self.grammar_mask = counter("pagedllm:grammar_mask_seconds", "Seconds spent filling grammar token masks.")
         self.request_success = counter("vllm:request_success", "Count of successfully processed requests.",
                                        ["model_name", "finished_reason"])
         self.num_running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
@@ -85,12 +89,14 @@ class EngineMetrics:
         self._children = {name: metric.labels(m) for name, metric in (
             ("prompt_tokens", self.prompt_tokens), ("generation_tokens", self.generation_tokens),
             ("queries", self.prefix_cache_queries), ("hits", self.prefix_cache_hits),
-            ("preemptions", self.num_preemptions), ("running", self.num_running), ("waiting", self.num_waiting),
+            ("preemptions", self.num_preemptions), ("structured", self.structured_requests),
+            ("compile", self.grammar_compile), ("mask", self.grammar_mask),
+            ("running", self.num_running), ("waiting", self.num_waiting),
             ("kv_usage", self.kv_usage), ("ttft", self.ttft), ("itl", self.itl), ("e2e", self.e2e),
             ("queue_time", self.queue_time), ("request_prompt_tokens", self.request_prompt_tokens),
             ("request_generation_tokens", self.request_generation_tokens))}
         self._success = {reason: self.request_success.labels(m, reason) for reason in ("stop", "length", "abort")}
-        self._seen = {"queries": 0, "hits": 0, "preemptions": 0}
+        self._seen = {"queries": 0, "hits": 0, "preemptions": 0, "structured": 0, "compile": 0.0, "mask": 0.0}
         self._logged: SchedulerStats | None = None
         self._logged_at = time.monotonic()
 
@@ -125,8 +131,11 @@ class EngineMetrics:
             self._advance("queries", stats.prefix_cache_queries)
             self._advance("hits", stats.prefix_cache_hits)
             self._advance("preemptions", stats.num_preemptions)
+            self._advance("structured", stats.structured_requests)
+            self._advance("compile", stats.grammar_compile_time)
+            self._advance("mask", stats.grammar_mask_time)
 
-    def _advance(self, key: str, total: int) -> None:
+    def _advance(self, key: str, total: float) -> None:
         delta = total - self._seen[key]
         if delta > 0:
             self._children[key].inc(delta)

@@ -51,6 +51,7 @@ class Request:
     stop_reason: str | int | None = None
     num_blocks_sent: int = -1           # block ids the worker has; -1: it must read the request whole
     scheduled_time: float | None = None     # first admission (time.monotonic)
+    grammar: object = None              # structured outputs: its grammar state (ready() when compiled)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -103,11 +103,16 @@ class Scheduler:
         return self._launch(items, num_prompt_tokens)
 
     def _admit_waiting(self, items: list[ScheduledRequest], budget: int) -> int:
-        """Admit waiting requests into the step; returns the prompt tokens they compute."""
+        """Admit waiting requests into the step; returns the prompt tokens they compute. A request
+        whose grammar is still compiling keeps its place and lets the ones behind it by."""
         block_size = self.kv_cache.block_size
         num_prompt_tokens = 0
+        not_ready = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.grammar is not None and not request.grammar.ready():
+                not_ready.append(self.waiting.popleft())
+                continue
             cached = self.kv_cache.find_cached_prefix(request)
             num_cached = len(cached) * block_size
             num_new = min(request.num_tokens - num_cached, budget)
@@ -124,6 +129,7 @@ class Scheduler:
             items.append(ScheduledRequest(request, num_new, num_cached, num_cached + num_new == request.num_tokens))
             num_prompt_tokens += min(num_new, max(0, request.num_prompt_tokens - num_cached))
             budget -= num_new
+        self.waiting.extendleft(reversed(not_ready))
         return num_prompt_tokens
 
     def _launch(self, items: list[ScheduledRequest], num_prompt_tokens: int) -> SchedulerOutput:
@@ -163,6 +169,13 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+    def sampling_requests(self, out: SchedulerOutput) -> list[Request]:
+        """The requests that sample in step `out` (in flight), in batch order."""
+        for recorded, items in self._in_flight:
+            if recorded is out:
+                return [item.request for item in items if item.samples]
+        raise KeyError("not a step in flight")
 
     def update_from_output(self, out: SchedulerOutput, model_out: ModelRunnerOutput) -> list[ScheduledRequest]:
         """Fill in the step's sampled tokens and finish requests that hit a token-level stop.

@@ -163,6 +163,8 @@ def engine_snapshot(core, colours: ColourBook, max_cells: int = MAX_CELLS, id_ca
         "blocks_cached": len(kv.pool.cached),
         "steps": core.num_steps,
         "step_time": core.step_time,
+        "structured_requests": core.structured.num_requests,
+        "grammar_compile_time": core.structured.compile_time,
     }
     return {
         "blocks": {"states": states, "cell_size": cell_size, "num_blocks": kv.num_blocks,

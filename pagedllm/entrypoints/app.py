@@ -47,11 +47,12 @@ class _APIKeyMiddleware:
 
 
 def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, max_logprobs: int = 20,
-              metrics=None, limits: ServerLimits | None = None, on_shutdown=None) -> FastAPI:
-    """The app for one AsyncLLM; `on_shutdown` (async) runs when the app stops."""
+              metrics=None, limits: ServerLimits | None = None, on_shutdown=None, auto_tools: bool = False) -> FastAPI:
+    """The app for one AsyncLLM; `on_shutdown` (async) runs when the app stops; `auto_tools`: tool
+    calls of tool_choice "auto" are parsed (--enable-auto-tool-choice)."""
     model = engine.config.model
     ctx = ServerContext(engine, model_name, frozenset({model_name, model.model}), max_logprobs,
-                        limits or ServerLimits())
+                        limits or ServerLimits(), auto_tools)
 
     @asynccontextmanager
     async def lifespan(app):

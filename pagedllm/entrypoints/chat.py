@@ -5,6 +5,10 @@ so a template (or message content) cannot reach Python internals. Template error
 template that raises on roles that do not alternate) become ValueError -> HTTP 400.
 """
 
+import json
+
+from pagedllm.entrypoints.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tools_system_message
+
 
 def _content_text(content) -> str:
     """OpenAI content is a string or a list of parts; only text parts are supported."""
@@ -24,7 +28,9 @@ def _content_text(content) -> str:
     return "\n".join(texts)
 
 
-def to_plain_messages(messages) -> list[dict]:
+def to_plain_messages(messages, native_tools: bool) -> list[dict]:
+    """Plain dicts for the template. Tool calls and results stay as they are for a template that
+    knows them (`native_tools`); for one that does not, they become text in the Hermes format."""
     out = []
     for message in messages:
         m = message if isinstance(message, dict) else message.model_dump(exclude_none=True)
@@ -34,19 +40,52 @@ def to_plain_messages(messages) -> list[dict]:
         item = {"role": role, "content": _content_text(m.get("content"))}
         if m.get("name"):
             item["name"] = m["name"]
+        calls = [_plain_call(c) for c in m.get("tool_calls") or ()]
+        if native_tools:
+            if calls:
+                item["tool_calls"] = calls
+            if m.get("tool_call_id"):
+                item["tool_call_id"] = m["tool_call_id"]
+        else:
+            if calls:
+                item["content"] = "\n".join([item["content"]] * bool(item["content"]) + [
+                    f"{TOOL_CALL_OPEN}\n{json.dumps(c['function'])}\n{TOOL_CALL_CLOSE}" for c in calls])
+            if role == "tool":
+                item["content"] = f"<tool_response>\n{item['content']}\n</tool_response>"
         out.append(item)
     return out
 
 
-def render_chat(tokenizer, messages, add_generation_prompt: bool = True,
-                continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[int]:
-    """Token ids of the conversation rendered with the tokenizer's chat template."""
+def _plain_call(call: dict) -> dict:
+    """An assistant's tool call as templates take it: the arguments as an object."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ValueError("messages tool_calls need a function with a name")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise ValueError("messages tool_calls arguments must be JSON") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def render_chat(tokenizer, messages, add_generation_prompt: bool = True, continue_final_message: bool = False,
+                chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of the conversation rendered with the tokenizer's chat template (with `tools`:
+    given to the template, or to the model in a system message when the template has no place
+    for them)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template: use /v1/completions")
-    plain = to_plain_messages(messages)
+    native_tools = "tools" in tokenizer.chat_template
+    plain = to_plain_messages(messages, native_tools)
     kwargs = dict(chat_template_kwargs or {})
-    for reserved in ("tokenize", "return_dict", "conversation", "tokenizer"):
+    for reserved in ("tokenize", "return_dict", "conversation", "tokenizer", "tools"):
         kwargs.pop(reserved, None)
+    if tools and native_tools:
+        kwargs["tools"] = tools
+    elif tools:
+        plain = _with_tools_in_system(plain, tools)
     if continue_final_message:
         add_generation_prompt = False
     try:
@@ -61,6 +100,13 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = True,
         return tokenizer(text, add_special_tokens=False).input_ids
     except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the messages
         raise ValueError(f"messages could not be tokenized: {exc}") from exc
+
+
+def _with_tools_in_system(messages: list[dict], tools: list[dict]) -> list[dict]:
+    described = tools_system_message(tools)
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{described}"}] + messages[1:]
+    return [{"role": "system", "content": described}] + messages
 
 
 def describe_tokenizer(tokenizer) -> dict:

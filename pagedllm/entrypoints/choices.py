@@ -8,6 +8,7 @@ chat {"content": [{token, logprob, bytes, top_logprobs}]}. JSON has no -inf: log
 """
 
 from pagedllm.entrypoints.protocol import finish_reason
+from pagedllm.entrypoints.tools import ToolCallStream, ToolPlan, tool_calls_of
 from pagedllm.outputs import CompletionOutput
 
 NEG_FLOOR = -9999.0
@@ -131,28 +132,51 @@ class CompletionChoice(_Choice):
 
 
 class ChatChoice(_Choice):
-    """A /v1/chat/completions choice; `top_logprobs` is None when logprobs were not asked for."""
+    """A /v1/chat/completions choice; `top_logprobs` is None when logprobs were not asked for.
+    Under a tool plan (entrypoints/tools.py), the text becomes content and tool calls."""
 
-    def __init__(self, index: int, top_logprobs: int | None, return_token_ids: bool = False) -> None:
+    def __init__(self, index: int, top_logprobs: int | None, return_token_ids: bool = False,
+                 tool_plan: ToolPlan | None = None) -> None:
         super().__init__(index, return_token_ids)
         self.top_logprobs = top_logprobs
         self.content: list[dict] | None = [] if top_logprobs is not None else None
+        self.tool_plan = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
+        self.tool_stream = ToolCallStream(self.tool_plan) if self.tool_plan is not None else None
 
     def update(self, c: CompletionOutput) -> dict | None:
         self._record(c)
         wants_logprobs = self.content is not None
-        if not c.text and self.finish_reason is None and not (wants_logprobs and c.token_ids):
-            return None
         self.text += c.text
+        text, calls = c.text, []
+        if self.tool_stream is not None:
+            text, calls = self.tool_stream.feed(c.text, self.finish_reason is not None)
+        if not text and not calls and self.finish_reason is None and not (wants_logprobs and c.token_ids):
+            return None
         logprobs = None
         if wants_logprobs:
             content = chat_logprobs(c.token_ids, c.logprobs or [], self.top_logprobs)
             self.content.extend(content)
             logprobs = {"content": content}
-        delta = {"content": c.text} if c.text or self.finish_reason is None else {}
+        delta = {"content": text} if text or (self.finish_reason is None and not calls) else {}
+        if calls:
+            delta["tool_calls"] = calls
+        if self.tool_stream is not None and self.tool_stream.calls:
+            self._calls_made()
         return self._shaped({"delta": delta, "logprobs": logprobs}, c.token_ids)
 
+    def _calls_made(self) -> None:
+        """A choice that called tools and stopped ends with "tool_calls", as OpenAI's do."""
+        if self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+
     def result(self) -> dict:
-        return self._shaped({"message": {"role": "assistant", "content": self.text},
+        message = {"role": "assistant", "content": self.text}
+        if self.tool_plan is not None:
+            content, calls = tool_calls_of(self.tool_plan, self.text)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = calls
+                self._calls_made()
+        return self._shaped({"message": message,
                              "logprobs": {"content": self.content} if self.content is not None else None},
                             self.token_ids)

@@ -56,6 +56,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "full batch of --max-num-seqs (default: unbounded)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let requests in flight finish before aborting them")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='parse tool calls from the model\'s output for tool_choice "auto" (needs --tool-call-parser)')
+    parser.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+                        help="the tool-call format of the model's output: Hermes-style <tool_call> JSON (Qwen2/3, SmolLM2)")
     parser.add_argument("--api-server-count", type=int, default=1,
                         help="API processes sharing the port and the engine core (HTTP, tokenizing, detokenizing)")
     parser.add_argument("--stream-interval", type=int, default=1,
@@ -68,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pagedllm.entrypoints.launcher import run_server
     if args.stream_interval < 1:
         raise ValueError(f"stream_interval must be >= 1, got {args.stream_interval}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("enable_auto_tool_choice needs --tool-call-parser (hermes)")
     run_server(args)
 
 

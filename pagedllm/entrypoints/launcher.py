@@ -118,7 +118,7 @@ def serve_api(a: APIServerArgs, core: CoreProcess | None = None, signals=(signal
                           args.max_waiting_requests, a.num_api_servers)
         limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_n=args.max_n)
         app = build_app(engine, a.model_name, args.api_key, args.max_logprobs, metrics, limits,
-                        on_shutdown=engine.shutdown)
+                        on_shutdown=engine.shutdown, auto_tools=args.enable_auto_tool_choice)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                 loop="uvloop", http="httptools", timeout_keep_alive=5,
                                 timeout_graceful_shutdown=args.shutdown_timeout)

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.engine.structured_output import grammar_of
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class OpenAIBase(BaseModel):
@@ -21,6 +22,27 @@ class OpenAIBase(BaseModel):
 class StreamOptions(OpenAIBase):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
+
+
+class JSONSchemaFormat(OpenAIBase):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBase):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(OpenAIBase):
+    """vLLM's `structured_outputs` request field."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(OpenAIBase):
@@ -47,9 +69,36 @@ class SamplingFields(OpenAIBase):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs, and its older guided_*
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None, max_logprobs: int) -> SamplingParams:
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The output constraint, from whichever spelling the request used (at most one). A
+        ValueError starts with the field's name."""
+        given = {name: getattr(self, name) for name in ("response_format", "structured_outputs", "guided_json",
+                                                         "guided_regex", "guided_choice", "guided_grammar")}
+        given = {name: value for name, value in given.items() if value is not None
+                 and not (name == "response_format" and value.type == "text")}
+        if len(given) > 1:
+            raise ValueError(f"{next(iter(given))} cannot be combined with {', '.join(list(given)[1:])}: "
+                             "give one way of constraining the output")
+        if not given:
+            return None
+        name, value = next(iter(given.items()))
+        try:
+            params = _structured(name, value)
+            grammar_of(params)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        return params
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                        max_logprobs: int, structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         logit_bias = None
         if self.logit_bias:
             logit_bias = {}
@@ -69,11 +118,26 @@ class SamplingFields(OpenAIBase):
             include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=structured_outputs,
             output_kind="delta" if self.stream else "final", max_logprobs=max_logprobs)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _structured(name: str, value) -> StructuredOutputsParams:
+    if name == "response_format":
+        if value.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if value.json_schema is None or value.json_schema.schema_ is None:
+            raise ValueError("json_schema needs a schema")
+        return StructuredOutputsParams(json=value.json_schema.schema_)
+    if name == "structured_outputs":
+        return StructuredOutputsParams(json=value.json_, regex=value.regex, choice=value.choice, grammar=value.grammar,
+                                       json_object=value.json_object)
+    kind = name[len("guided_"):]
+    return StructuredOutputsParams(**{"json" if kind == "json" else kind: value})
 
 
 class CompletionRequest(SamplingFields):
@@ -88,10 +152,27 @@ class ChatMessage(OpenAIBase):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None    # an assistant's calls, sent back with their results
+    tool_call_id: str | None = None                   # a tool message: the call it answers
+
+
+class FunctionDefinition(OpenAIBase):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIBase):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None

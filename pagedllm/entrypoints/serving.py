@@ -32,6 +32,7 @@ class ServerContext:
     aliases: frozenset[str]
     max_logprobs: int
     limits: ServerLimits
+    auto_tools: bool = False      # --enable-auto-tool-choice with a --tool-call-parser
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.aliases:

@@ -15,6 +15,7 @@ from pagedllm.entrypoints.errors import bad_request
 from pagedllm.entrypoints.protocol import ChatCompletionRequest, random_id
 from pagedllm.entrypoints.serving import (SSE_DONE, ServerContext, add_prompts, json_response, merged_outputs,
                                           sse_event, sse_response, stream_error_event, until_done_or_disconnect)
+from pagedllm.entrypoints.tools import plan_tools
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +30,22 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
             raise ValueError("top_logprobs needs logprobs set to true")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= ctx.max_logprobs:
             raise ValueError(f"top_logprobs must be in [0, {ctx.max_logprobs}], got {req.top_logprobs}")
+        plan = plan_tools(req.tools, req.tool_choice, ctx.auto_tools, req.parallel_tool_calls)
+        structured = req.structured_outputs_params()
+        if structured is not None and plan is not None and plan.structured is not None:
+            raise ValueError("tool_choice required or naming a function cannot be combined with a constraint on "
+                             "the output (response_format, structured_outputs, guided_*)")
         ids = render_chat(ctx.engine.tokenizer, req.messages, req.add_generation_prompt,
-                          req.continue_final_message, req.chat_template_kwargs)
+                          req.continue_final_message, req.chat_template_kwargs, plan.tools if plan else None)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                                     prompt_logprobs=None, max_logprobs=ctx.max_logprobs)
+                                     prompt_logprobs=None, max_logprobs=ctx.max_logprobs,
+                                     structured_outputs=plan.structured if plan and plan.structured else structured)
     except ValueError as exc:
         raise bad_request(exc, FIELDS) from None
     request_id = random_id("chatcmpl")
     added = add_prompts(ctx.engine, request_id, [(None, ids)], params, FIELDS)
-    choices = [ChatChoice(i, (req.top_logprobs or 0) if req.logprobs else None, req.return_token_ids)
+    choices = [ChatChoice(i, (req.top_logprobs or 0) if req.logprobs else None, req.return_token_ids, plan)
                for i in range(req.n)]
     head = {"id": request_id, "object": "chat.completion", "created": protocol.now(), "model": ctx.model_name}
     if req.stream:

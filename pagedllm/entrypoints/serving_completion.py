@@ -59,7 +59,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
         params = req.sampling_params(
             max_tokens=1 if score_only else max_tokens, logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None,
-            max_logprobs=ctx.max_logprobs)
+            max_logprobs=ctx.max_logprobs, structured_outputs=req.structured_outputs_params())
     except ValueError as exc:
         raise bad_request(exc, FIELDS) from None
     request_id = random_id("cmpl")

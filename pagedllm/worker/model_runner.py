@@ -25,7 +25,7 @@ from pagedllm.models.registry import model_class
 from pagedllm.worker import memory
 from pagedllm.worker.cuda_graphs import CudaGraphs
 from pagedllm.worker.input_batch import CachedRequestState, InputBatch
-from pagedllm.worker.sampler import Sampler, SamplingRow, prompt_logprobs
+from pagedllm.worker.sampler import Sampler, SamplingRow, apply_grammar_bitmask, prompt_logprobs
 from pagedllm.worker.shared_prefix import SharedPrefixPlan, plan_shared_prefixes
 from pagedllm.worker.transfer import to_device
 
@@ -75,17 +75,31 @@ class _Batch:
 
 class PendingStep:
     """A step issued to the device; result() waits for it, writes the sampled values over the
-    requests' placeholders and returns plain Python values."""
+    requests' placeholders and returns plain Python values. A step with a request under a grammar
+    waits for its token bitmask (needs_bitmask): its forward is on the device, and sample() issues
+    the sampling once the engine core has the previous step's tokens and so the masks."""
 
-    def __init__(self, sampling: list[CachedRequestState], tokens, logprobs, prompt_logprobs: dict, event) -> None:
-        self.sampling = sampling        # the requests that sampled, each ending in this step's PLACEHOLDER
-        self.indices = [len(r.output_token_ids) - 1 for r in sampling]
-        self.tokens = tokens            # host tensor (pinned on CUDA), filled asynchronously
-        self.logprobs = logprobs        # None or (top-N per row, host tensors) likewise
+    def __init__(self, sampling: list[CachedRequestState], prompt_logprobs: dict) -> None:
+        self.sampling = sampling        # the requests that sample, each to end in this step's PLACEHOLDER
         self.prompt_logprobs = prompt_logprobs
-        self.event = event
+        self.tokens = None              # host tensor (pinned on CUDA), filled asynchronously
+        self.logprobs = None            # None or (top-N per row, host tensors) likewise
+        self.event = None
+        self.indices: list[int] = []
+        self._sample = None
+
+    @property
+    def needs_bitmask(self) -> bool:
+        return self._sample is not None
+
+    def sample(self, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Issue the deferred sampling with the grammar bitmask (int32 [sampling rows, words],
+        on the host) applied to `rows`."""
+        sample, self._sample = self._sample, None
+        sample(bitmask, rows)
 
     def result(self) -> ModelRunnerOutput:
+        assert self._sample is None, "the step's sampling was never issued"
         if self.event is not None:
             self.event.synchronize()
         request_ids = [r.request_id for r in self.sampling]
@@ -277,31 +291,44 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> PendingStep:
         """Issue one step to the device without waiting for it: sampled tokens stay on the device
-        for the next step's inputs and are copied to the host in the background."""
+        for the next step's inputs and are copied to the host in the background. With a request
+        under a grammar among those that sample, the sampling waits for PendingStep.sample()."""
         requests = self.input_batch.apply(out)
         batch, sampling_index = self._prepare(out, requests)
         self.in_step = True
         self.tp.broadcast_object(batch)
         logits = self._execute(batch)
         sampling = [requests[i] for i in sampling_index]
-        tokens = logprobs = None
+        pending = PendingStep(sampling, self._prompt_logprobs(
+            requests, batch, logits[len(sampling):] if batch.prompt_rows else None))
+        if any(r.sampling_params.structured_outputs is not None for r in sampling):
+            pending._sample = lambda bitmask, rows: self._sample(pending, logits, bitmask, rows)
+        else:
+            self._sample(pending, logits, None, [])
+        return pending
+
+    @torch.inference_mode()
+    def _sample(self, pending: PendingStep, logits: torch.Tensor | None, bitmask: torch.Tensor | None,
+                rows: list[int]) -> None:
+        sampling = pending.sampling
         if sampling:
-            rows = [self._sampling_row(request) for request in sampling]
-            sample = self.sampler(logits[:len(sampling)], rows, self._prev_tokens)
+            logits = logits[:len(sampling)]
+            if rows:
+                apply_grammar_bitmask(logits, bitmask, rows)
+            sampling_rows = [self._sampling_row(request) for request in sampling]
+            sample = self.sampler(logits, sampling_rows, self._prev_tokens)
             self._prev_tokens = self.tp.broadcast(sample.token_ids)   # the other ranks' next inputs
             for row, request in enumerate(sampling):
                 request.output_token_ids.append(PLACEHOLDER)
                 request.prev_row = row
-            tokens = _to_host(sample.token_ids)
+            pending.indices = [len(r.output_token_ids) - 1 for r in sampling]
+            pending.tokens = _to_host(sample.token_ids)
             if sample.logprobs is not None:
-                logprobs = ([r.params.logprobs for r in rows], [_to_host(t) for t in sample.logprobs])
+                pending.logprobs = ([r.params.logprobs for r in sampling_rows], [_to_host(t) for t in sample.logprobs])
         self.in_step = False
-        prompt = self._prompt_logprobs(requests, batch, logits[len(sampling):] if batch.prompt_rows else None)
-        event = None
         if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return PendingStep(sampling, tokens, logprobs, prompt, event)
+            pending.event = torch.cuda.Event()
+            pending.event.record()
 
     @torch.inference_mode()
     def run_worker_step(self, batch: _Batch) -> None:

@@ -165,6 +165,19 @@ def _fused_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
     return sample_tokens(logits, temperature, seed)
 
 
+def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Forbid, in place, the tokens that the grammars of `rows` do not allow next. `bitmask` is
+    xgrammar's int32 [len(logits), ceil(vocab / 32)] layout, on the host: it travels through pinned
+    memory (no wait for the device), and xgrammar's kernel applies it where the logits are."""
+    from xgrammar import apply_token_bitmask_inplace
+    if logits.is_cuda:
+        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+    target = logits if logits.is_contiguous() else logits.contiguous()   # (a view of padded TP logits)
+    apply_token_bitmask_inplace(target, bitmask, indices=rows)
+    if target is not logits:
+        logits.copy_(target)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> tuple[torch.Tensor, ...]:
     """Raw-distribution logprob and rank of `tokens` [R] under `logits` [R, V], and the top
     num_top ids and logprobs, as device tensors."""

@@ -1,0 +1,178 @@
+"""Structured outputs with xgrammar: grammars from JSON schemas, regexes, choices and EBNF, and the
+token masks that hold a request's output to its grammar.
+
+The front end checks a request's grammar when it arrives (`grammar_of`, tokenizer-free, so a bad
+schema is a 400 at once). The engine core compiles it against the tokenizer in a thread pool,
+outside the step loop, with a cache keyed by (kind, spec); the request waits until its grammar is
+ready without holding up the batch (the scheduler skips it). Each step the core advances every
+constrained request's matcher by its new token, and fills one bitmask row per sampling request
+(all allowed for unconstrained rows) for the worker, which applies it to the logits on their
+device before sampling. JSON (schemas and json_object alike) is compact, without free whitespace:
+a loop of blank space cannot eat the token budget.
+"""
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+
+import torch
+
+from pagedllm.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+CACHE_SIZE = 1024     # compiled grammars kept (each a few hundred KB at most)
+
+
+def _xgr():
+    try:
+        import xgrammar
+    except ImportError:
+        raise ValueError("structured outputs need xgrammar, which is not installed: pip install xgrammar") from None
+    return xgrammar
+
+
+def grammar_of(params: StructuredOutputsParams):
+    """The xgrammar Grammar of `params` (tokenizer-free). ValueError, with xgrammar's reason, when
+    the schema, regex or grammar cannot be used."""
+    xgr = _xgr()
+    kind, spec = params.key
+    try:
+        if kind == "json":
+            return xgr.Grammar.from_json_schema(spec, any_whitespace=False, strict_mode=True)
+        if kind == "json_object":
+            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(spec)
+        if kind == "choice":
+            alternatives = " | ".join(json.dumps(c) for c in params.choice)   # JSON escapes are EBNF's
+            return xgr.Grammar.from_ebnf(f"root ::= {alternatives}")
+        return xgr.Grammar.from_ebnf(spec)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        message = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", message)   # xgrammar's "[time] file.cc:line:"
+        raise ValueError(f"the {kind} cannot be compiled: {message}") from None
+
+
+class GrammarState:
+    """One request's grammar: its compilation (a future), then its matcher."""
+    __slots__ = ("future", "matcher")
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+        self.matcher = None
+
+    def ready(self) -> bool:
+        """Compiled (or failed): the scheduler may admit the request."""
+        return self.future.done()
+
+
+class StructuredOutputManager:
+    def __init__(self, load_tokenizer, vocab_size: int, max_threads: int = 4) -> None:
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="pagedllm-grammar")
+        self._lock = threading.Lock()
+        self._compiler = None
+        self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self._batch = None
+        self._failed: list = []         # requests whose compilation failed (appended by pool threads)
+        self.num_requests = 0           # constrained sequences seen
+        self.compile_time = 0.0         # seconds spent compiling grammars
+        self.mask_time = 0.0            # seconds spent filling bitmasks
+        self._pool.submit(self._warm_up)
+
+    def _warm_up(self) -> None:
+        """Load the tokenizer and build the compiler in the background at start-up, so the first
+        constrained request does not wait for them (a model without a tokenizer has none to load)."""
+        try:
+            self._compiler_for()
+        except Exception:  # noqa: BLE001 - reported again to the first request that needs it
+            logger.debug("no grammar compiler", exc_info=True)
+
+    def add(self, request) -> None:
+        """Start (or reuse) the compilation of the request's grammar."""
+        key = request.sampling_params.structured_outputs.key
+        with self._lock:
+            future = self._compiled.get(key)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._pool.submit(self._compile, request.sampling_params.structured_outputs)
+                self._compiled[key] = future
+                if len(self._compiled) > CACHE_SIZE:
+                    self._compiled.popitem(last=False)
+            self._compiled.move_to_end(key)
+        request.grammar = GrammarState(future)
+        self.num_requests += 1
+        future.add_done_callback(lambda f: f.exception() is not None and self._failed.append(request))
+
+    def wait(self, timeout: float) -> None:
+        """Block until a compilation finishes (or `timeout` s): when only requests whose grammar
+        is compiling are left, the engine waits here instead of spinning."""
+        with self._lock:
+            compiling = [f for f in self._compiled.values() if not f.done()]
+        if compiling:
+            futures_wait(compiling, timeout, return_when=FIRST_COMPLETED)
+
+    def take_failed(self) -> list:
+        """Requests whose grammar failed to compile since the last call."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _compile(self, params: StructuredOutputsParams):
+        start = time.perf_counter()
+        compiled = self._compiler_for().compile_grammar(grammar_of(params))
+        with self._lock:
+            self.compile_time += time.perf_counter() - start
+        return compiled
+
+    def _compiler_for(self):
+        with self._lock:
+            if self._compiler is None:
+                xgr = _xgr()
+                tokenizer = self._load_tokenizer()
+                if tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer, and this model has none")
+                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info)
+                self._batch = xgr.BatchGrammarMatcher()
+            return self._compiler
+
+    def _matcher(self, request):
+        state = request.grammar
+        if state.matcher is None:
+            state.matcher = _xgr().GrammarMatcher(state.future.result())
+        return state.matcher
+
+    def accept(self, request, token: int) -> bool:
+        """Advance the request's matcher; False if the grammar forbids the token."""
+        return self._matcher(request).accept_token(token)
+
+    def terminated(self, request) -> bool:
+        return self._matcher(request).is_terminated()
+
+    def bitmask(self, requests: list) -> tuple[torch.Tensor, list[int]]:
+        """One int32 bitmask row per request (as xgrammar lays it out) and the rows that constrain:
+        a row of a request without a grammar, or whose grammar is complete, stays all-allowed."""
+        start = time.perf_counter()
+        xgr = _xgr()
+        bitmask = xgr.allocate_token_bitmask(len(requests), self.vocab_size)
+        rows, matchers = [], []
+        for row, request in enumerate(requests):
+            if request.grammar is None or request.is_finished:
+                continue
+            matcher = self._matcher(request)
+            if not matcher.is_terminated():
+                rows.append(row)
+                matchers.append(matcher)
+        if matchers:
+            self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        self.mask_time += time.perf_counter() - start
+        return bitmask, rows
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
