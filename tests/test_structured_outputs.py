@@ -227,3 +227,11 @@ def test_offline_structured_outputs(smollm):
         Person.model_validate_json(out.outputs[0].text)
     with pytest.raises(ValueError, match="structured_outputs"):
         smollm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(regex="(")))
+
+
+def test_control_character_row_matches_xgrammar_layout():
+    from pagedllm.engine.structured_output import _bitmask_row
+    row = _bitmask_row(70, [0, 31, 32, 69])
+    logits = torch.zeros(1, 70)
+    apply_grammar_bitmask(logits, row.unsqueeze(0), [0])
+    assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [0, 31, 32, 69]

@@ -2,7 +2,7 @@
 
 import argparse
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -33,6 +33,7 @@ class EngineArgs:
     device: str | None = None
     served_model_name: str | None = None
     tensor_parallel_size: int = 1
+    tokenizer: str | None = None      # another tokenizer than the model's (folder, Hub id or .gguf)
     core_process: bool = False        # LLM only: the engine core in its own process (the server always is)
 
     @staticmethod
@@ -43,6 +44,8 @@ class EngineArgs:
             parser.add_argument("model", nargs="?", default=None, help=help_)
         else:
             parser.add_argument("--model", default=None, help=help_)
+        parser.add_argument("--tokenizer", default=None,
+                            help="use this tokenizer (folder, Hub id or .gguf) instead of the model's")
         parser.add_argument("--dtype", default="auto")
         parser.add_argument("--max-model-len", type=int, default=None)
         parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -89,6 +92,8 @@ class EngineArgs:
         self._check_parallel(device)
         dtype = self._dtype(device)
         source = loader.resolve(self.model, self.load_format)
+        if self.tokenizer:
+            source = replace(source, tokenizer=self.tokenizer)
         hf_config = loader.load_config(source)
         from pagedllm.models.registry import model_class
         model_class(hf_config)  # fail early on an unsupported architecture

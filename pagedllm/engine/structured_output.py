@@ -8,7 +8,9 @@ ready without holding up the batch (the scheduler skips it). Each step the core 
 constrained request's matcher by its new token, and fills one bitmask row per sampling request
 (all allowed for unconstrained rows) for the worker, which applies it to the logits on their
 device before sampling. JSON (schemas and json_object alike) is compact, without free whitespace:
-a loop of blank space cannot eat the token budget.
+a loop of blank space cannot eat the token budget. Compact JSON never holds a raw control character,
+so its rows also forbid every token that decodes to one (xgrammar 0.2.9 lets them into strings with
+a maxLength, which strict JSON parsers then refuse).
 """
 
 import json
@@ -59,6 +61,15 @@ def grammar_of(params: StructuredOutputsParams):
         raise ValueError(f"the {kind} cannot be compiled: {message}") from None
 
 
+def _bitmask_row(vocab_size: int, forbidden: list[int]) -> torch.Tensor:
+    """An xgrammar bitmask row (int32 words, bit j of word w for token 32 w + j) allowing every
+    token but `forbidden`."""
+    allowed = torch.ones(-(-vocab_size // 32) * 32, dtype=torch.int64)
+    allowed[forbidden] = 0
+    words = (allowed.view(-1, 32) << torch.arange(32)).sum(dim=1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
 class GrammarState:
     """One request's grammar: its compilation (a future), then its matcher."""
     __slots__ = ("future", "matcher")
@@ -82,6 +93,7 @@ class StructuredOutputManager:
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._batch = None
         self._failed: list = []         # requests whose compilation failed (appended by pool threads)
+        self._no_control = None         # a bitmask row without the tokens that hold control characters
         self.num_requests = 0           # constrained sequences seen
         self.compile_time = 0.0         # seconds spent compiling grammars
         self.mask_time = 0.0            # seconds spent filling bitmasks
@@ -140,6 +152,8 @@ class StructuredOutputManager:
                 info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(info)
                 self._batch = xgr.BatchGrammarMatcher()
+                self._no_control = _bitmask_row(self.vocab_size, [
+                    i for i, text in enumerate(info.decoded_vocab) if any(byte < 0x20 for byte in text)])
             return self._compiler
 
     def _matcher(self, request):
@@ -161,7 +175,7 @@ class StructuredOutputManager:
         start = time.perf_counter()
         xgr = _xgr()
         bitmask = xgr.allocate_token_bitmask(len(requests), self.vocab_size)
-        rows, matchers = [], []
+        rows, matchers, json_rows = [], [], []
         for row, request in enumerate(requests):
             if request.grammar is None or request.is_finished:
                 continue
@@ -169,8 +183,12 @@ class StructuredOutputManager:
             if not matcher.is_terminated():
                 rows.append(row)
                 matchers.append(matcher)
+                if request.sampling_params.structured_outputs.key[0] in ("json", "json_object"):
+                    json_rows.append(row)
         if matchers:
             self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        if json_rows:
+            bitmask[json_rows] &= self._no_control
         self.mask_time += time.perf_counter() - start
         return bitmask, rows
 

@@ -46,6 +46,7 @@ class ModelSource:
     folder: str | None = None        # a Hugging Face folder
     gguf_file: str | None = None     # a GGUF file
     config_file: str | None = None   # a bare config.json (dummy weights, no tokenizer)
+    tokenizer: str | None = None     # another tokenizer's folder, Hub id or .gguf file (--tokenizer)
 
 
 def resolve(model: str | None, load_format: str = "auto") -> ModelSource:
@@ -97,6 +98,14 @@ def load_config(source: ModelSource):
 def load_tokenizer(source: ModelSource):
     """The tokenizer (with chat template), or None when the source has none (bare config)."""
     from transformers import AutoTokenizer
+    if source.tokenizer:
+        path = Path(source.tokenizer).expanduser()
+        try:
+            if path.suffix == ".gguf":
+                return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            return AutoTokenizer.from_pretrained(source.tokenizer)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"tokenizer {source.tokenizer!r} could not be loaded: {exc}") from None
     if source.gguf_file:
         folder, name = os.path.split(source.gguf_file)
         return AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
