@@ -165,17 +165,27 @@ def _fused_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
     return sample_tokens(logits, temperature, seed)
 
 
+_BIT = {}   # device -> the 32 bit positions of a bitmask word
+
+
 def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Forbid, in place, the tokens that the grammars of `rows` do not allow next. `bitmask` is
-    xgrammar's int32 [len(logits), ceil(vocab / 32)] layout, on the host: it travels through pinned
-    memory (no wait for the device), and xgrammar's kernel applies it where the logits are."""
-    from xgrammar import apply_token_bitmask_inplace
-    if logits.is_cuda:
-        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
-    target = logits if logits.is_contiguous() else logits.contiguous()   # (a view of padded TP logits)
-    apply_token_bitmask_inplace(target, bitmask, indices=rows)
-    if target is not logits:
-        logits.copy_(target)
+    xgrammar's int32 [len(logits), ceil(vocab / 32)] layout (bit j of word w: token 32 w + j), on
+    the host. Plain torch ops: the rows travel through pinned memory and nothing here waits for the
+    device (a kernel that takes its row indices from a pageable host list would stall the pipeline
+    until the step's forward is done, and a JIT-compiled one recompiles as the batch size moves)."""
+    device = logits.device
+    every_row = len(rows) == len(logits)
+    words = to_device(bitmask if every_row else bitmask[rows], torch.int32, device)
+    bit = _BIT.get(device)
+    if bit is None:
+        bit = _BIT[device] = torch.arange(32, dtype=torch.int32, device=device)
+    forbidden = ((words.unsqueeze(-1) >> bit) & 1 == 0).view(len(rows), -1)[:, :logits.shape[1]]
+    if every_row:
+        logits.masked_fill_(forbidden, float("-inf"))
+    else:
+        index = to_device(rows, torch.int64, device)
+        logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> tuple[torch.Tensor, ...]:

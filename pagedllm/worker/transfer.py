@@ -11,7 +11,12 @@ import torch
 
 def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
-    host = torch.from_numpy(values).to(dtype) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
+    if isinstance(values, torch.Tensor):
+        host = values.to(dtype)
+    elif isinstance(values, np.ndarray):
+        host = torch.from_numpy(values).to(dtype)
+    else:
+        host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
