@@ -57,8 +57,10 @@ def cmd_structured(args: argparse.Namespace) -> None:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     schema = StructuredOutputsParams(json=Record.model_json_schema())
     constrained = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, structured_outputs=schema)
-    _run(llm, prompts[:8], constrained)                                # warm-up: compile, both kinds of step
-    _run(llm, prompts[:8], SamplingParams(temperature=args.temperature, max_tokens=16, ignore_eos=True))
+    # warm-up: the grammar, both kinds of step, and the sampling kernels' configs for small and large
+    # batches (Triton compiles them on first use: a run must not pay for that)
+    _run(llm, prompts[:8], constrained)
+    _run(llm, prompts[:64], SamplingParams(temperature=args.temperature, max_tokens=16, ignore_eos=True))
     rows, result = [], {**res.environment(), "benchmark": "structured", "model": engine.config.model.model,
                         "num_prompts": args.num_prompts, "len_range": [lo, hi], "output_len": args.output_len,
                         "temperature": args.temperature, "schema": Record.model_json_schema(), "repeats": [],

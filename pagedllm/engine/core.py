@@ -132,12 +132,11 @@ class EngineCore:
         model_out = self._guarded(sched_out, pending.result)
         advanced = self.scheduler.update_from_output(sched_out, model_out)
         out = EngineCoreOutputs(timestamp=time.monotonic())
+        self._advance_grammars([item for item in advanced if item.request.grammar is not None])
         for item in advanced:
             request = item.request
             request_id = request.request_id
             token = request.output_token_ids[item.output_index]
-            if request.grammar is not None:
-                self._advance_grammar(request, token)
             out.request_ids.append(request_id)
             out.new_token_ids.append(token)
             if item.output_index == 0:
@@ -156,16 +155,20 @@ class EngineCore:
             self.num_decode_steps += 1
         return out
 
-    def _advance_grammar(self, request: Request, token: int) -> None:
-        """The request's matcher takes its new token; a grammar that is complete ends the request
-        (as a stop), one that refuses the token (never, with the masks applied) aborts it."""
-        if request.is_finished:
+    def _advance_grammars(self, items: list) -> None:
+        """Constrained requests' matchers take their new tokens; a grammar that is complete ends its
+        request (as a stop), one that refuses the token (never, with the masks applied) aborts it."""
+        items = [item for item in items if not item.request.is_finished]
+        if not items:
             return
-        if not self.structured.accept(request, token):
-            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED)
-            self._errors[request.request_id] = f"token {token} broke its grammar"
-        elif self.structured.terminated(request):
-            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+        tokens = [item.request.output_token_ids[item.output_index] for item in items]
+        for item, token, accepted in zip(items, tokens, self.structured.accept([i.request for i in items], tokens)):
+            request = item.request
+            if not accepted:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED)
+                self._errors[request.request_id] = f"token {token} broke its grammar"
+            elif self.structured.terminated(request):
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     # ---- named calls (between two steps) ---------------------------------------------------------
     def call_utility(self, method: str, args: list):

@@ -13,6 +13,7 @@ so its rows also forbid every token that decodes to one (xgrammar 0.2.9 lets the
 a maxLength, which strict JSON parsers then refuse).
 """
 
+import functools
 import json
 import logging
 import re
@@ -42,8 +43,13 @@ def _xgr():
 def grammar_of(params: StructuredOutputsParams):
     """The xgrammar Grammar of `params` (tokenizer-free). ValueError, with xgrammar's reason, when
     the schema, regex or grammar cannot be used."""
+    return _grammar(*params.key)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _grammar(kind: str, spec: str):
+    """(Cached: a front end checks the same schema for every request that carries it.)"""
     xgr = _xgr()
-    kind, spec = params.key
     try:
         if kind == "json":
             return xgr.Grammar.from_json_schema(spec, any_whitespace=False, strict_mode=True)
@@ -52,7 +58,7 @@ def grammar_of(params: StructuredOutputsParams):
         if kind == "regex":
             return xgr.Grammar.from_regex(spec)
         if kind == "choice":
-            alternatives = " | ".join(json.dumps(c) for c in params.choice)   # JSON escapes are EBNF's
+            alternatives = " | ".join(json.dumps(c) for c in json.loads(spec))   # JSON escapes are EBNF's
             return xgr.Grammar.from_ebnf(f"root ::= {alternatives}")
         return xgr.Grammar.from_ebnf(spec)
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -162,9 +168,10 @@ class StructuredOutputManager:
             state.matcher = _xgr().GrammarMatcher(state.future.result())
         return state.matcher
 
-    def accept(self, request, token: int) -> bool:
-        """Advance the request's matcher; False if the grammar forbids the token."""
-        return self._matcher(request).accept_token(token)
+    def accept(self, requests: list, tokens: list[int]) -> list[bool]:
+        """Advance the requests' matchers by their new tokens, all at once (xgrammar's threads); for
+        each, False if its grammar forbids the token."""
+        return self._batch.batch_accept_token([self._matcher(r) for r in requests], tokens)
 
     def terminated(self, request) -> bool:
         return self._matcher(request).is_terminated()
