@@ -2,7 +2,9 @@
 of them) each generate under a modest, bounded JSON schema, then again without it, with the same
 number of output tokens per request (ignore_eos): same work, masks or not. Reports both
 throughputs and their ratio, how many constrained outputs finished (and were valid JSON for the
-schema) or hit the token limit, and the grammar compile time and the mask time per step.
+schema; the first invalid ones are kept) or hit the token limit, the grammar compile time, and per
+step the grammar work (matcher advance and mask fill, on the grammar thread) and how long the step
+loop waited for it.
 
 A dummy model needs a tokenizer for its grammars (`--tokenizer`, e.g. a folder saved from the
 default model's): tokens outside that tokenizer's vocabulary are never allowed.
@@ -72,6 +74,7 @@ def cmd_structured(args: argparse.Namespace) -> None:
         after = engine.get_stats()
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
+        invalid = [c for c in finished if not _valid(c.text)]
         engine.reset_prefix_cache()
         same = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True) for n in lengths]
         _, plain_seconds = _run(llm, prompts, same)
@@ -79,10 +82,12 @@ def cmd_structured(args: argparse.Namespace) -> None:
         run = {"constrained_s": seconds, "unconstrained_s": plain_seconds, "output_tokens": sum(lengths),
                "constrained_tokens_per_s": sum(lengths) / seconds,
                "unconstrained_tokens_per_s": sum(lengths) / plain_seconds, "ratio": plain_seconds / seconds,
-               "finished": len(finished), "valid_json_of_finished": sum(_valid(c.text) for c in finished),
+               "finished": len(finished), "valid_json_of_finished": len(finished) - len(invalid),
+               "invalid_outputs": [{"text": c.text, "token_ids": list(c.token_ids)} for c in invalid[:5]],
                "hit_token_limit": sum(o.outputs[0].finish_reason == "length" for o in outs),
                "grammar_compile_s": after["grammar_compile_time"] - before["grammar_compile_time"],
                "mask_ms_per_step": 1e3 * (after["grammar_mask_time"] - before["grammar_mask_time"]) / max(1, steps),
+               "wait_ms_per_step": 1e3 * (after["grammar_wait_time"] - before["grammar_wait_time"]) / max(1, steps),
                "steps": steps}
         result["repeats"].append(run)
         rows.append({"run": f"repeat {repeat + 1}", **run})
@@ -91,7 +96,7 @@ def cmd_structured(args: argparse.Namespace) -> None:
     result.pop("run")
     table = res.markdown_table(rows, ["run", "output_tokens", "constrained_tokens_per_s", "unconstrained_tokens_per_s",
                                       "ratio", "finished", "valid_json_of_finished", "hit_token_limit",
-                                      "grammar_compile_s", "mask_ms_per_step"])
+                                      "grammar_compile_s", "mask_ms_per_step", "wait_ms_per_step"])
     res.save(result, args.output, table)
     llm.shutdown()
 

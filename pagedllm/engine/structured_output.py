@@ -4,10 +4,12 @@ token masks that hold a request's output to its grammar.
 The front end checks a request's grammar when it arrives (`grammar_of`, tokenizer-free, so a bad
 schema is a 400 at once). The engine core compiles it against the tokenizer in a thread pool,
 outside the step loop, with a cache keyed by (kind, spec); the request waits until its grammar is
-ready without holding up the batch (the scheduler skips it). Each step the core advances every
-constrained request's matcher by its new token, and fills one bitmask row per sampling request
-(all allowed for unconstrained rows) for the worker, which applies it to the logits on their
-device before sampling. JSON (schemas and json_object alike) is compact, without free whitespace:
+ready without holding up the batch (the scheduler skips it). The per-step work runs on one grammar
+thread, in step order, while the step loop schedules and prepares: a step's tokens advance the
+constrained requests' matchers as soon as they reach the host (xgrammar works without the GIL, so
+a large batch is spread over a few threads), then the next step's bitmask is filled, one row per
+sampling request (rows of unconstrained requests are not read), for the worker to apply to the
+logits on their device before sampling. JSON (schemas and json_object alike) is compact, without free whitespace:
 a loop of blank space cannot eat the token budget. Compact JSON never holds a raw control character,
 so its rows also forbid every token that decodes to one (xgrammar 0.2.9 lets them into strings with
 a maxLength, which strict JSON parsers then refuse).
@@ -16,10 +18,12 @@ a maxLength, which strict JSON parsers then refuse).
 import functools
 import json
 import logging
+import os
 import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
@@ -30,6 +34,8 @@ from pagedllm.sampling_params import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 1024     # compiled grammars kept (each a few hundred KB at most)
+ACCEPT_CHUNK = 32     # matchers per thread when a step's tokens advance them
+ACCEPT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _xgr():
@@ -90,10 +96,15 @@ class GrammarState:
 
 
 class StructuredOutputManager:
-    def __init__(self, load_tokenizer, vocab_size: int, max_threads: int = 4) -> None:
+    def __init__(self, load_tokenizer, vocab_size: int, pin_memory: bool = False, max_threads: int = 4) -> None:
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
+        self._pin_memory = pin_memory
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="pagedllm-grammar")
+        # the step's grammar work, in order (an advance, then the next step's fill), off the step loop
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedllm-grammar-step")
+        self._accept_pool = ThreadPoolExecutor(max_workers=ACCEPT_THREADS, thread_name_prefix="pagedllm-grammar-accept")
+        self._bitmask = None
         self._lock = threading.Lock()
         self._compiler = None
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
@@ -102,7 +113,8 @@ class StructuredOutputManager:
         self._no_control = None         # a bitmask row without the tokens that hold control characters
         self.num_requests = 0           # constrained sequences seen
         self.compile_time = 0.0         # seconds spent compiling grammars
-        self.mask_time = 0.0            # seconds spent filling bitmasks
+        self.mask_time = 0.0            # seconds of grammar work per step (advance and fill), on its thread
+        self.wait_time = 0.0            # seconds the step loop waited for that work
         self._pool.submit(self._warm_up)
 
     def _warm_up(self) -> None:
@@ -168,23 +180,54 @@ class StructuredOutputManager:
             state.matcher = _xgr().GrammarMatcher(state.future.result())
         return state.matcher
 
-    def accept(self, requests: list, tokens: list[int]) -> list[bool]:
-        """Advance the requests' matchers by their new tokens, all at once (xgrammar's threads); for
-        each, False if its grammar forbids the token."""
-        return self._batch.batch_accept_token([self._matcher(r) for r in requests], tokens)
+    # ---- the step's grammar work, on the grammar thread ------------------------------------------
+    def start_advance(self, requests: list, tokens: Callable[[], list[int]]) -> Future:
+        """Advance the matchers of a step's sampling requests by their tokens (`tokens()` waits for
+        them) on the grammar thread, as soon as they are on the host. The future gives, per
+        constrained request, (request, token, accepted, terminated): False if its grammar refused
+        the token, True if the grammar is complete."""
+        return self._step_thread.submit(self._timed, self._advance, requests, tokens)
 
-    def terminated(self, request) -> bool:
-        return self._matcher(request).is_terminated()
+    def start_bitmask(self, requests: list) -> Future:
+        """Fill one bitmask row per sampling request on the grammar thread, after the advance
+        started before it: the future gives (bitmask, rows), int32 rows as xgrammar lays them out
+        and the rows that constrain (requests without a grammar, or with a complete one, are free)."""
+        return self._step_thread.submit(self._timed, self._fill, requests)
 
-    def bitmask(self, requests: list) -> tuple[torch.Tensor, list[int]]:
-        """One int32 bitmask row per request (as xgrammar lays it out) and the rows that constrain:
-        a row of a request without a grammar, or whose grammar is complete, stays all-allowed."""
+    def wait_for(self, future: Future):
+        """The result of a grammar-thread future, timing how long the step loop waited for it."""
         start = time.perf_counter()
-        xgr = _xgr()
-        bitmask = xgr.allocate_token_bitmask(len(requests), self.vocab_size)
+        try:
+            return future.result()
+        finally:
+            self.wait_time += time.perf_counter() - start
+
+    def _timed(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.mask_time += time.perf_counter() - start
+
+    def _advance(self, requests: list, tokens: Callable[[], list[int]]) -> list[tuple]:
+        values = tokens()
+        constrained = [(r, t) for r, t in zip(requests, values) if r.grammar is not None]
+        matchers = [self._matcher(r) for r, _ in constrained]
+        chosen = [t for _, t in constrained]
+        if len(matchers) <= ACCEPT_CHUNK:
+            accepted = self._batch.batch_accept_token(matchers, chosen)
+        else:   # xgrammar advances a batch on one thread (without the GIL): spread it over several
+            spans = range(0, len(matchers), ACCEPT_CHUNK)
+            parts = self._accept_pool.map(lambda i: self._batch.batch_accept_token(
+                matchers[i:i + ACCEPT_CHUNK], chosen[i:i + ACCEPT_CHUNK]), spans)
+            accepted = [ok for part in parts for ok in part]
+        return [(r, t, ok, m.is_terminated()) for (r, t), ok, m in zip(constrained, accepted, matchers)]
+
+    def _fill(self, requests: list) -> tuple[torch.Tensor, list[int]]:
+        bitmask = self._rows(len(requests))
         rows, matchers, json_rows = [], [], []
         for row, request in enumerate(requests):
-            if request.grammar is None or request.is_finished:
+            if request.grammar is None:
                 continue
             matcher = self._matcher(request)
             if not matcher.is_terminated():
@@ -194,10 +237,21 @@ class StructuredOutputManager:
                     json_rows.append(row)
         if matchers:
             self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        if json_rows:
+        if len(json_rows) == len(requests):
+            bitmask &= self._no_control
+        elif json_rows:
             bitmask[json_rows] &= self._no_control
-        self.mask_time += time.perf_counter() - start
         return bitmask, rows
 
+    def _rows(self, n: int) -> torch.Tensor:
+        """n rows of the reused bitmask buffer (pinned when the masks go to a GPU). Reuse is safe:
+        a fill starts only after the previous mask's step has sampled (its advance waited for the
+        tokens), so that mask's copy to the device is done."""
+        if self._bitmask is None or len(self._bitmask) < n:
+            words = -(-self.vocab_size // 32)
+            self._bitmask = torch.empty(max(n, 256), words, dtype=torch.int32, pin_memory=self._pin_memory)
+        return self._bitmask[:n]
+
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._step_thread, self._accept_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
