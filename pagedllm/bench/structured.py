@@ -41,6 +41,12 @@ def _run(llm, prompts, params) -> tuple[list, float]:
     return outputs, time.perf_counter() - start
 
 
+def _alloc_retries() -> int:
+    """Times the CUDA caching allocator had to give memory back (and so synchronise) to allocate."""
+    import torch
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+
+
 def _valid(text: str) -> bool:
     try:
         Record.model_validate_json(text)
@@ -69,9 +75,9 @@ def cmd_structured(args: argparse.Namespace) -> None:
                         "first_compile_s": engine.get_stats()["grammar_compile_time"]}
     for repeat in range(args.repeats):
         engine.reset_prefix_cache()
-        before = engine.get_stats()
+        before, retries = engine.get_stats(), _alloc_retries()
         outs, seconds = _run(llm, prompts, constrained)
-        after = engine.get_stats()
+        after, retries = engine.get_stats(), _alloc_retries() - retries
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
         invalid = [c for c in finished if not _valid(c.text)]
@@ -88,7 +94,7 @@ def cmd_structured(args: argparse.Namespace) -> None:
                "grammar_compile_s": after["grammar_compile_time"] - before["grammar_compile_time"],
                "mask_ms_per_step": 1e3 * (after["grammar_mask_time"] - before["grammar_mask_time"]) / max(1, steps),
                "wait_ms_per_step": 1e3 * (after["grammar_wait_time"] - before["grammar_wait_time"]) / max(1, steps),
-               "steps": steps}
+               "steps": steps, "cuda_alloc_retries": retries}
         result["repeats"].append(run)
         rows.append({"run": f"repeat {repeat + 1}", **run})
         print(json.dumps(run), flush=True)

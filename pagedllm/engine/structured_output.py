@@ -84,11 +84,12 @@ def _bitmask_row(vocab_size: int, forbidden: list[int]) -> torch.Tensor:
 
 class GrammarState:
     """One request's grammar: its compilation (a future), then its matcher."""
-    __slots__ = ("future", "matcher")
+    __slots__ = ("future", "matcher", "is_json")
 
-    def __init__(self, future: Future) -> None:
+    def __init__(self, future: Future, is_json: bool) -> None:
         self.future = future
         self.matcher = None
+        self.is_json = is_json          # compact JSON: its rows also forbid control characters
 
     def ready(self) -> bool:
         """Compiled (or failed): the scheduler may admit the request."""
@@ -113,7 +114,7 @@ class StructuredOutputManager:
         self._no_control = None         # a bitmask row without the tokens that hold control characters
         self.num_requests = 0           # constrained sequences seen
         self.compile_time = 0.0         # seconds spent compiling grammars
-        self.mask_time = 0.0            # seconds of grammar work per step (advance and fill), on its thread
+        self.mask_time = 0.0            # seconds of grammar work per step (advance and fill) on its thread
         self.wait_time = 0.0            # seconds the step loop waited for that work
         self._pool.submit(self._warm_up)
 
@@ -136,7 +137,7 @@ class StructuredOutputManager:
                 if len(self._compiled) > CACHE_SIZE:
                     self._compiled.popitem(last=False)
             self._compiled.move_to_end(key)
-        request.grammar = GrammarState(future)
+        request.grammar = GrammarState(future, is_json=key[0] in ("json", "json_object"))
         self.num_requests += 1
         future.add_done_callback(lambda f: f.exception() is not None and self._failed.append(request))
 
@@ -186,13 +187,13 @@ class StructuredOutputManager:
         them) on the grammar thread, as soon as they are on the host. The future gives, per
         constrained request, (request, token, accepted, terminated): False if its grammar refused
         the token, True if the grammar is complete."""
-        return self._step_thread.submit(self._timed, self._advance, requests, tokens)
+        return self._step_thread.submit(self._advance, requests, tokens)
 
     def start_bitmask(self, requests: list) -> Future:
         """Fill one bitmask row per sampling request on the grammar thread, after the advance
         started before it: the future gives (bitmask, rows), int32 rows as xgrammar lays them out
         and the rows that constrain (requests without a grammar, or with a complete one, are free)."""
-        return self._step_thread.submit(self._timed, self._fill, requests)
+        return self._step_thread.submit(self._fill, requests)
 
     def wait_for(self, future: Future):
         """The result of a grammar-thread future, timing how long the step loop waited for it."""
@@ -202,15 +203,9 @@ class StructuredOutputManager:
         finally:
             self.wait_time += time.perf_counter() - start
 
-    def _timed(self, fn, *args):
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.mask_time += time.perf_counter() - start
-
     def _advance(self, requests: list, tokens: Callable[[], list[int]]) -> list[tuple]:
         values = tokens()
+        start = time.perf_counter()
         constrained = [(r, t) for r, t in zip(requests, values) if r.grammar is not None]
         matchers = [self._matcher(r) for r, _ in constrained]
         chosen = [t for _, t in constrained]
@@ -221,9 +216,12 @@ class StructuredOutputManager:
             parts = self._accept_pool.map(lambda i: self._batch.batch_accept_token(
                 matchers[i:i + ACCEPT_CHUNK], chosen[i:i + ACCEPT_CHUNK]), spans)
             accepted = [ok for part in parts for ok in part]
-        return [(r, t, ok, m.is_terminated()) for (r, t), ok, m in zip(constrained, accepted, matchers)]
+        advanced = [(r, t, ok, m.is_terminated()) for (r, t), ok, m in zip(constrained, accepted, matchers)]
+        self.mask_time += time.perf_counter() - start
+        return advanced
 
     def _fill(self, requests: list) -> tuple[torch.Tensor, list[int]]:
+        start = time.perf_counter()
         bitmask = self._rows(len(requests))
         rows, matchers, json_rows = [], [], []
         for row, request in enumerate(requests):
@@ -233,7 +231,7 @@ class StructuredOutputManager:
             if not matcher.is_terminated():
                 rows.append(row)
                 matchers.append(matcher)
-                if request.sampling_params.structured_outputs.key[0] in ("json", "json_object"):
+                if request.grammar.is_json:
                     json_rows.append(row)
         if matchers:
             self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
@@ -241,6 +239,7 @@ class StructuredOutputManager:
             bitmask &= self._no_control
         elif json_rows:
             bitmask[json_rows] &= self._no_control
+        self.mask_time += time.perf_counter() - start
         return bitmask, rows
 
     def _rows(self, n: int) -> torch.Tensor:

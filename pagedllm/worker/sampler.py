@@ -171,12 +171,17 @@ _BIT = {}   # device -> the 32 bit positions of a bitmask word
 def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Forbid, in place, the tokens that the grammars of `rows` do not allow next. `bitmask` is
     xgrammar's int32 [len(logits), ceil(vocab / 32)] layout (bit j of word w: token 32 w + j), on
-    the host. Plain torch ops: the rows travel through pinned memory and nothing here waits for the
-    device (a kernel that takes its row indices from a pageable host list would stall the pipeline
-    until the step's forward is done, and a JIT-compiled one recompiles as the batch size moves)."""
+    the host. Its rows travel through pinned memory and nothing here waits for the device (a kernel
+    that took its row indices from a pageable host list would stall the pipeline until the step's
+    forward is done). On CUDA a Triton kernel writes the -inf in place (kernels/triton/grammar_mask.py);
+    elsewhere torch ops unpack the bits."""
     device = logits.device
     every_row = len(rows) == len(logits)
     words = to_device(bitmask if every_row else bitmask[rows], torch.int32, device)
+    if device.type == "cuda":
+        from pagedllm.kernels.triton.grammar_mask import apply_bitmask
+        apply_bitmask(logits, words, to_device(rows, torch.int64, device))
+        return
     bit = _BIT.get(device)
     if bit is None:
         bit = _BIT[device] = torch.arange(32, dtype=torch.int32, device=device)

@@ -1,0 +1,38 @@
+"""Grammar token masks applied to the logits in place: -inf wherever a row's bitmask forbids a token.
+
+Unpacking the bitmask with torch ops makes int32 temporaries 32 times its size (hundreds of MB at
+batch 256 and a 150k vocabulary); their allocations, their size moving with the batch, made the
+caching allocator give memory back and synchronise with the device mid-step. Here each program
+reads its slice of one row's words and writes only the forbidden logits: nothing is allocated,
+and the row indices come from a device tensor, so one compiled kernel serves every batch.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096   # tokens per program
+
+
+@triton.jit
+def _mask_kernel(logits_ptr, row_stride, bitmask_ptr, words_per_row, rows_ptr, vocab, BLOCK: tl.constexpr):
+    """Program (i, chunk): row rows[i] of the logits, tokens [chunk * BLOCK, +BLOCK), under
+    bitmask row i (bit j of word w allows token 32 w + j)."""
+    i = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < vocab
+    words = tl.load(bitmask_ptr + i.to(tl.int64) * words_per_row + cols // 32, mask=inside, other=-1)
+    forbidden = ((words >> (cols % 32)) & 1) == 0
+    row = tl.load(rows_ptr + i)
+    target = logits_ptr + row * row_stride + cols
+    tl.store(target, tl.full([BLOCK], float("-inf"), target.dtype.element_ty), mask=inside & forbidden)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """logits [R, V] (rows contiguous), bitmask int32 [len(rows), ceil(V / 32)] and rows int64 (the
+    logits row each bitmask row masks), all on one device."""
+    assert logits.stride(1) == 1 and bitmask.dtype == torch.int32 and rows.dtype == torch.int64
+    vocab = logits.shape[1]
+    if len(rows):
+        _mask_kernel[(len(rows), triton.cdiv(vocab, BLOCK))](logits, logits.stride(0), bitmask, bitmask.shape[1],
+                                                             rows, vocab, BLOCK=BLOCK)

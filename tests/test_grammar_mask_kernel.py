@@ -1,0 +1,42 @@
+"""The grammar-mask kernel (kernels/triton/grammar_mask.py) against the torch unpacking the sampler
+uses off CUDA. Without CUDA it runs under the Triton interpreter on CPU tensors."""
+
+import importlib
+
+import pytest
+import torch
+import triton
+
+from pagedllm.kernels.triton import grammar_mask
+from pagedllm.worker.sampler import apply_grammar_bitmask
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def setup_module():
+    if not ON_GPU:
+        from triton.runtime import interpreter
+        triton.knobs.runtime.interpret = True
+        if not isinstance(grammar_mask._mask_kernel, interpreter.InterpretedFunction):
+            importlib.reload(grammar_mask)
+        assert isinstance(grammar_mask._mask_kernel, interpreter.InterpretedFunction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [70, 5000])   # a partial last word; two programs per row
+def test_kernel_equals_torch_unpacking(dtype, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=gen).to(dtype)
+    words = -(-vocab // 32)
+    bitmask = torch.randint(-2 ** 31, 2 ** 31, (5, words), generator=gen, dtype=torch.int64).to(torch.int32)
+    bitmask[1] = -1                               # a row that allows everything
+    rows = [0, 1, 3]                              # rows 2 and 4 are not constrained
+    expected = logits.clone()
+    apply_grammar_bitmask(expected, bitmask, rows)   # the torch path, on the CPU
+    got = logits.to(DEVICE)
+    grammar_mask.apply_bitmask(got, bitmask[rows].to(DEVICE), torch.tensor(rows, device=DEVICE))
+    assert torch.equal(got.cpu(), expected)
+    allowed = (bitmask[0, 0] >> torch.arange(32, dtype=torch.int32)) & 1
+    assert torch.isinf(expected[0, :32][allowed == 0]).all() and not torch.isinf(expected[0, :32][allowed == 1]).any()
+    assert torch.equal(expected[[1, 2, 4]], logits[[1, 2, 4]])
