@@ -127,3 +127,21 @@ def test_roofline_formula():
     assert kv_token_reads([10], [3]) == 10 + 11 + 12
     assert ideal_time(3, 100, 2, [10], [3], 1.0) == 3 * 100 + 33 * 2
     assert measure_bandwidth("cpu", nbytes=1 << 20, repeats=2)["bandwidth_bytes_per_s"] > 0
+
+
+def test_structured_small(tmp_path):
+    """bench structured on a tiny dummy model whose vocabulary is padded past its tokenizer's (the
+    default model's): every finished output is valid for the schema, and the two runs generate the
+    same number of tokens."""
+    from pagedllm.models.loader import default_model_path
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY, "vocab_size": 49152 + 100, "eos_token_id": 2}))
+    stem = tmp_path / "structured"
+    main(["bench", "structured", str(config), *COMMON, "--tokenizer", default_model_path(), "--num-prompts", "4",
+          "--nano-len-range", "8", "16", "--output-len", "200", "--repeats", "1", "--output", str(stem)])
+    r = _load(stem)
+    run = r["repeats"][0]
+    assert run["finished"] + run["hit_token_limit"] == 4 and run["finished"] >= 1, run
+    assert run["valid_json_of_finished"] == run["finished"] and run["invalid_outputs"] == []
+    assert run["output_tokens"] > 0 and run["ratio"] > 0 and run["mask_ms_per_step"] > 0
+    assert r["commit"] and r["device"]

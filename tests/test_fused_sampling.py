@@ -5,16 +5,15 @@ before triton is imported). The interpreter costs ~10 ms per program (one row's 
 statistical test makes do with a few hundred draws from a distribution that is sharp in T.
 """
 
-import importlib
 import math
 
 import pytest
 import torch
-import triton
 
 from pagedllm.kernels.triton import sampling
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.sampler import Sampler, SamplingRow, _fusable
+from tests.triton_interpreter import interpret
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -22,12 +21,7 @@ SEED = 2 ** 40 + 7
 
 
 def setup_module():
-    if not ON_GPU:
-        from triton.runtime import interpreter
-        triton.knobs.runtime.interpret = True
-        if not isinstance(sampling._sample_chunk_kernel, interpreter.InterpretedFunction):
-            importlib.reload(sampling)
-        assert isinstance(sampling._sample_chunk_kernel, interpreter.InterpretedFunction)
+    interpret(sampling, "_sample_chunk_kernel")
 
 
 def _temperatures(values):

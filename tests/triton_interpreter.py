@@ -32,3 +32,18 @@ def patch_interpreter() -> None:
         patched_dot._pagedllm_fix = True
         interpreter.InterpreterBuilder.create_dot = patched_dot
 
+
+
+def interpret(module, kernel: str):
+    """Without CUDA: make sure `module`'s kernels run under the interpreter (TRITON_INTERPRET is read
+    when @triton.jit decorates, so a module imported before it was set is reloaded). Returns the
+    module to use."""
+    import importlib
+    import torch
+    if torch.cuda.is_available():
+        return module
+    triton.knobs.runtime.interpret = True
+    if not isinstance(getattr(module, kernel), interpreter.InterpretedFunction):
+        module = importlib.reload(module)
+    assert isinstance(getattr(module, kernel), interpreter.InterpretedFunction)
+    return module

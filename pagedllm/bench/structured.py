@@ -41,10 +41,12 @@ def _run(llm, prompts, params) -> tuple[list, float]:
     return outputs, time.perf_counter() - start
 
 
-def _alloc_retries() -> int:
-    """Times the CUDA caching allocator had to give memory back (and so synchronise) to allocate."""
+def _allocator_counts() -> tuple[int, int]:
+    """The CUDA caching allocator's device allocations so far, and the times it had to give memory
+    back (synchronising) to allocate."""
     import torch
-    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+    stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
 
 def _valid(text: str) -> bool:
@@ -65,19 +67,20 @@ def cmd_structured(args: argparse.Namespace) -> None:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     schema = StructuredOutputsParams(json=Record.model_json_schema())
     constrained = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, structured_outputs=schema)
-    # warm-up: the grammar, both kinds of step, and the sampling kernels' configs for small and large
-    # batches (Triton compiles them on first use: a run must not pay for that)
+    # warm-up: the grammar, both kinds of step at every batch size the runs reach (the sampling and
+    # mask kernels' configs, which Triton compiles on first use; the allocator's first large blocks)
     _run(llm, prompts[:8], constrained)
-    _run(llm, prompts[:64], SamplingParams(temperature=args.temperature, max_tokens=16, ignore_eos=True))
+    _run(llm, prompts, SamplingParams(temperature=args.temperature, max_tokens=8, structured_outputs=schema))
+    _run(llm, prompts, SamplingParams(temperature=args.temperature, max_tokens=8, ignore_eos=True))
     rows, result = [], {**res.environment(), "benchmark": "structured", "model": engine.config.model.model,
                         "num_prompts": args.num_prompts, "len_range": [lo, hi], "output_len": args.output_len,
                         "temperature": args.temperature, "schema": Record.model_json_schema(), "repeats": [],
                         "first_compile_s": engine.get_stats()["grammar_compile_time"]}
     for repeat in range(args.repeats):
         engine.reset_prefix_cache()
-        before, retries = engine.get_stats(), _alloc_retries()
+        before, allocator = engine.get_stats(), _allocator_counts()
         outs, seconds = _run(llm, prompts, constrained)
-        after, retries = engine.get_stats(), _alloc_retries() - retries
+        after, allocator = engine.get_stats(), [b - a for a, b in zip(allocator, _allocator_counts())]
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
         invalid = [c for c in finished if not _valid(c.text)]
@@ -94,7 +97,7 @@ def cmd_structured(args: argparse.Namespace) -> None:
                "grammar_compile_s": after["grammar_compile_time"] - before["grammar_compile_time"],
                "mask_ms_per_step": 1e3 * (after["grammar_mask_time"] - before["grammar_mask_time"]) / max(1, steps),
                "wait_ms_per_step": 1e3 * (after["grammar_wait_time"] - before["grammar_wait_time"]) / max(1, steps),
-               "steps": steps, "cuda_alloc_retries": retries}
+               "steps": steps, "cuda_mallocs": allocator[0], "cuda_alloc_retries": allocator[1]}
         result["repeats"].append(run)
         rows.append({"run": f"repeat {repeat + 1}", **run})
         print(json.dumps(run), flush=True)

@@ -49,8 +49,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, executor, load_tokenizer=lambda: None) -> None:
         self.config = config
         self.executor = executor
-        self.structured = StructuredOutputManager(load_tokenizer, config.model.hf_config.vocab_size,
-                                                  pin_memory=config.device.startswith("cuda"))
+        self.structured = StructuredOutputManager(load_tokenizer, pin_memory=config.device.startswith("cuda"))
         self._errors: dict[str, str] = {}     # for the next outputs: sequences given up on here
         num_blocks = executor.num_blocks
         min_pool = -(-config.model.max_model_len // config.cache.block_size)

@@ -6,19 +6,19 @@ schema is a 400 at once). The engine core compiles it against the tokenizer in a
 outside the step loop, with a cache keyed by (kind, spec); the request waits until its grammar is
 ready without holding up the batch (the scheduler skips it). The per-step work runs on one grammar
 thread, in step order, while the step loop schedules and prepares: a step's tokens advance the
-constrained requests' matchers as soon as they reach the host (xgrammar works without the GIL, so
-a large batch is spread over a few threads), then the next step's bitmask is filled, one row per
-sampling request (rows of unconstrained requests are not read), for the worker to apply to the
-logits on their device before sampling. JSON (schemas and json_object alike) is compact, without free whitespace:
-a loop of blank space cannot eat the token budget. Compact JSON never holds a raw control character,
-so its rows also forbid every token that decodes to one (xgrammar 0.2.9 lets them into strings with
-a maxLength, which strict JSON parsers then refuse).
+constrained requests' matchers as soon as they reach the host (xgrammar works without the GIL),
+then the next step's bitmask is filled, one row per sampling request (rows of unconstrained
+requests are not read), for the worker to apply to the logits on their device before sampling.
+The bitmask spans the tokenizer's vocabulary; model ids past it are never allowed. JSON (schemas
+and json_object alike) is compact, without free whitespace: a loop of blank space cannot eat the
+token budget. Compact JSON never holds a raw control character, so its rows also forbid every
+token that decodes to one (xgrammar 0.2.9 lets them into strings with a maxLength, which strict
+JSON parsers then refuse).
 """
 
 import functools
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -34,8 +34,6 @@ from pagedllm.sampling_params import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 1024     # compiled grammars kept (each a few hundred KB at most)
-ACCEPT_CHUNK = 32     # matchers per thread when a step's tokens advance them
-ACCEPT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _xgr():
@@ -97,14 +95,13 @@ class GrammarState:
 
 
 class StructuredOutputManager:
-    def __init__(self, load_tokenizer, vocab_size: int, pin_memory: bool = False, max_threads: int = 4) -> None:
+    def __init__(self, load_tokenizer, pin_memory: bool = False, max_threads: int = 4) -> None:
         self._load_tokenizer = load_tokenizer
-        self.vocab_size = vocab_size
+        self._mask_vocab = 0            # the tokenizer's vocabulary: the bitmask's width in tokens
         self._pin_memory = pin_memory
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="pagedllm-grammar")
         # the step's grammar work, in order (an advance, then the next step's fill), off the step loop
         self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedllm-grammar-step")
-        self._accept_pool = ThreadPoolExecutor(max_workers=ACCEPT_THREADS, thread_name_prefix="pagedllm-grammar-accept")
         self._bitmask = None
         self._lock = threading.Lock()
         self._compiler = None
@@ -168,10 +165,15 @@ class StructuredOutputManager:
                 tokenizer = self._load_tokenizer()
                 if tokenizer is None:
                     raise ValueError("structured outputs need a tokenizer, and this model has none")
-                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+                # the tokenizer's own vocabulary, not the model's (often padded past it): the ids
+                # beyond are never allowed, and xgrammar, which would count them as special
+                # tokens, advanced a matcher 10x slower with 100k of them (a dummy Qwen3 under
+                # SmolLM2's tokenizer)
+                info = xgr.TokenizerInfo.from_huggingface(tokenizer)
+                self._mask_vocab = info.vocab_size
                 self._compiler = xgr.GrammarCompiler(info)
                 self._batch = xgr.BatchGrammarMatcher()
-                self._no_control = _bitmask_row(self.vocab_size, [
+                self._no_control = _bitmask_row(info.vocab_size, [
                     i for i, text in enumerate(info.decoded_vocab) if any(byte < 0x20 for byte in text)])
             return self._compiler
 
@@ -209,13 +211,7 @@ class StructuredOutputManager:
         constrained = [(r, t) for r, t in zip(requests, values) if r.grammar is not None]
         matchers = [self._matcher(r) for r, _ in constrained]
         chosen = [t for _, t in constrained]
-        if len(matchers) <= ACCEPT_CHUNK:
-            accepted = self._batch.batch_accept_token(matchers, chosen)
-        else:   # xgrammar advances a batch on one thread (without the GIL): spread it over several
-            spans = range(0, len(matchers), ACCEPT_CHUNK)
-            parts = self._accept_pool.map(lambda i: self._batch.batch_accept_token(
-                matchers[i:i + ACCEPT_CHUNK], chosen[i:i + ACCEPT_CHUNK]), spans)
-            accepted = [ok for part in parts for ok in part]
+        accepted = self._batch.batch_accept_token(matchers, chosen)
         advanced = [(r, t, ok, m.is_terminated()) for (r, t), ok, m in zip(constrained, accepted, matchers)]
         self.mask_time += time.perf_counter() - start
         return advanced
@@ -247,10 +243,10 @@ class StructuredOutputManager:
         a fill starts only after the previous mask's step has sampled (its advance waited for the
         tokens), so that mask's copy to the device is done."""
         if self._bitmask is None or len(self._bitmask) < n:
-            words = -(-self.vocab_size // 32)
+            words = -(-self._mask_vocab // 32)
             self._bitmask = torch.empty(max(n, 256), words, dtype=torch.int32, pin_memory=self._pin_memory)
         return self._bitmask[:n]
 
     def shutdown(self) -> None:
-        for pool in (self._pool, self._step_thread, self._accept_pool):
+        for pool in (self._pool, self._step_thread):
             pool.shutdown(wait=False, cancel_futures=True)

@@ -170,8 +170,8 @@ _BIT = {}   # device -> the 32 bit positions of a bitmask word
 
 def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Forbid, in place, the tokens that the grammars of `rows` do not allow next. `bitmask` is
-    xgrammar's int32 [len(logits), ceil(vocab / 32)] layout (bit j of word w: token 32 w + j), on
-    the host. Its rows travel through pinned memory and nothing here waits for the device (a kernel
+    xgrammar's int32 [len(logits), words] layout (bit j of word w: token 32 w + j), on the host;
+    tokens past its words (a model's vocabulary padded past its tokenizer's) are forbidden. Its rows travel through pinned memory and nothing here waits for the device (a kernel
     that took its row indices from a pageable host list would stall the pipeline until the step's
     forward is done). On CUDA a Triton kernel writes the -inf in place (kernels/triton/grammar_mask.py);
     elsewhere torch ops unpack the bits."""
@@ -185,7 +185,11 @@ def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: lis
     bit = _BIT.get(device)
     if bit is None:
         bit = _BIT[device] = torch.arange(32, dtype=torch.int32, device=device)
-    forbidden = ((words.unsqueeze(-1) >> bit) & 1 == 0).view(len(rows), -1)[:, :logits.shape[1]]
+    forbidden = ((words.unsqueeze(-1) >> bit) & 1 == 0).view(len(rows), -1)
+    vocab = logits.shape[1]
+    if forbidden.shape[1] < vocab:
+        forbidden = torch.nn.functional.pad(forbidden, (0, vocab - forbidden.shape[1]), value=True)
+    forbidden = forbidden[:, :vocab]
     if every_row:
         logits.masked_fill_(forbidden, float("-inf"))
     else:

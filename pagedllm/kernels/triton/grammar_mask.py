@@ -17,11 +17,12 @@ BLOCK = 4096   # tokens per program
 @triton.jit
 def _mask_kernel(logits_ptr, row_stride, bitmask_ptr, words_per_row, rows_ptr, vocab, BLOCK: tl.constexpr):
     """Program (i, chunk): row rows[i] of the logits, tokens [chunk * BLOCK, +BLOCK), under
-    bitmask row i (bit j of word w allows token 32 w + j)."""
+    bitmask row i (bit j of word w allows token 32 w + j; tokens past its words are forbidden)."""
     i = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < vocab
-    words = tl.load(bitmask_ptr + i.to(tl.int64) * words_per_row + cols // 32, mask=inside, other=-1)
+    words = tl.load(bitmask_ptr + i.to(tl.int64) * words_per_row + cols // 32,
+                    mask=inside & (cols // 32 < words_per_row), other=0)
     forbidden = ((words >> (cols % 32)) & 1) == 0
     row = tl.load(rows_ptr + i)
     target = logits_ptr + row * row_stride + cols
@@ -29,8 +30,8 @@ def _mask_kernel(logits_ptr, row_stride, bitmask_ptr, words_per_row, rows_ptr, v
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
-    """logits [R, V] (rows contiguous), bitmask int32 [len(rows), ceil(V / 32)] and rows int64 (the
-    logits row each bitmask row masks), all on one device."""
+    """logits [R, V] (rows contiguous), bitmask int32 [len(rows), words] and rows int64 (the logits
+    row each bitmask row masks), all on one device."""
     assert logits.stride(1) == 1 and bitmask.dtype == torch.int32 and rows.dtype == torch.int64
     vocab = logits.shape[1]
     if len(rows):
