@@ -96,8 +96,7 @@ class SchedulerStats(_Plain):
     step_time: float = 0.0                 # seconds spent in steps
     structured_requests: int = 0           # sequences under a grammar
     grammar_compile_time: float = 0.0      # seconds spent compiling grammars (in a thread pool)
-    grammar_mask_time: float = 0.0         # seconds of grammar work per step (matcher advance, bitmask fill), off the loop
-    grammar_wait_time: float = 0.0         # seconds the step loop waited for that work
+    grammar_mask_time: float = 0.0         # seconds spent advancing matchers and filling token bitmasks (in the step loop)
 
 
 class UtilityResult(_Plain):

@@ -2,9 +2,8 @@
 of them) each generate under a modest, bounded JSON schema, then again without it, with the same
 number of output tokens per request (ignore_eos): same work, masks or not. Reports both
 throughputs and their ratio, how many constrained outputs finished (and were valid JSON for the
-schema; the first invalid ones are kept) or hit the token limit, the grammar compile time, and per
-step the grammar work (matcher advance and mask fill, on the grammar thread) and how long the step
-loop waited for it.
+schema; the first invalid ones are kept) or hit the token limit, the grammar compile time, and the
+grammar work per step (matcher advance and mask fill).
 
 A dummy model needs a tokenizer for its grammars (`--tokenizer`, e.g. a folder saved from the
 default model's): tokens outside that tokenizer's vocabulary are never allowed.
@@ -96,7 +95,6 @@ def cmd_structured(args: argparse.Namespace) -> None:
                "hit_token_limit": sum(o.outputs[0].finish_reason == "length" for o in outs),
                "grammar_compile_s": after["grammar_compile_time"] - before["grammar_compile_time"],
                "mask_ms_per_step": 1e3 * (after["grammar_mask_time"] - before["grammar_mask_time"]) / max(1, steps),
-               "wait_ms_per_step": 1e3 * (after["grammar_wait_time"] - before["grammar_wait_time"]) / max(1, steps),
                "steps": steps, "cuda_mallocs": allocator[0], "cuda_alloc_retries": allocator[1]}
         result["repeats"].append(run)
         rows.append({"run": f"repeat {repeat + 1}", **run})
@@ -105,7 +103,7 @@ def cmd_structured(args: argparse.Namespace) -> None:
     result.pop("run")
     table = res.markdown_table(rows, ["run", "output_tokens", "constrained_tokens_per_s", "unconstrained_tokens_per_s",
                                       "ratio", "finished", "valid_json_of_finished", "hit_token_limit",
-                                      "grammar_compile_s", "mask_ms_per_step", "wait_ms_per_step"])
+                                      "grammar_compile_s", "mask_ms_per_step"])
     res.save(result, args.output, table)
     llm.shutdown()
 

@@ -8,18 +8,13 @@ behind sockets (core_proc.py).
 
 Steps are pipelined: step() schedules and issues step N, then finishes step N-1, which ran on the
 device while step N was being prepared, and returns its outputs. A step with a request under a
-grammar (structured outputs) is issued in two parts: its forward first; then its sampling, with
-the token bitmask that the grammar thread fills once step N-1's tokens have advanced the matchers.
-That thread starts on step N-1's tokens as soon as they reach the host, so the grammar work overlaps
-the loop's own; the device runs step N's forward meanwhile, so the pipeline holds. A grammar that
-completes at step N-1 ends its request when step N-1 completes, one step late as an EOS would: its
-row in step N is left free and that token dropped.
+grammar (structured outputs) is issued in two parts: its forward first; then, once step N-1's
+tokens have advanced the grammars' matchers, the token bitmask and the sampling. The device runs
+step N's forward while the host does that, so the pipeline holds.
 """
 
 import logging
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass
 
 from msgspec.structs import asdict
 
@@ -37,14 +32,6 @@ logger = logging.getLogger(__name__)
 UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_stats", "model_info", "kv_cache_state", "snapshot"})
 
 
-@dataclass
-class InFlight:
-    """A step issued to the executor, and the grammar thread's advance by its tokens, if any."""
-    sched_out: SchedulerOutput
-    pending: object
-    advancing: Future | None = None
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig, executor, load_tokenizer=lambda: None) -> None:
         self.config = config
@@ -58,7 +45,7 @@ class EngineCore:
                              f"{config.model.max_model_len}: lower max_model_len or give the cache more memory")
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        self._in_flight: InFlight | None = None
+        self._in_flight: tuple[SchedulerOutput, object] | None = None
         self.prompt_tokens = 0          # prompt tokens computed (a recompute counts again)
         self.generation_tokens = 0
         self.finished: dict[str, int] = {}    # finish reason -> requests
@@ -112,18 +99,13 @@ class EngineCore:
         launched = None
         if not sched_out.is_empty:
             self.prompt_tokens += sched_out.num_prompt_tokens
-            launched = InFlight(sched_out, self._guarded(sched_out, lambda: self.executor.execute_model(sched_out)))
+            launched = (sched_out, self._guarded(sched_out, lambda: self.executor.execute_model(sched_out)))
         if launched is None and self._in_flight is None:
             self.structured.wait(0.05)    # nothing to run until a grammar compiles: wait, do not spin
-        masking = None
-        if launched is not None and launched.pending.needs_bitmask:
-            sampling = self.scheduler.sampling_requests(sched_out)
-            masking = self.structured.start_bitmask(sampling)   # runs once the step in flight's tokens advanced
-        outputs = self._complete(self._in_flight) if self._in_flight is not None else EngineCoreOutputs()
-        if masking is not None:
-            bitmask = self.structured.wait_for(masking)
-            self._guarded(sched_out, lambda: launched.pending.sample(*bitmask))
-            launched.advancing = self.structured.start_advance(sampling, launched.pending.sampled_tokens)
+        outputs = self._complete(*self._in_flight) if self._in_flight is not None else EngineCoreOutputs()
+        if launched is not None and launched[1].needs_bitmask:
+            bitmask = self.structured.bitmask(self.scheduler.sampling_requests(sched_out))
+            self._guarded(sched_out, lambda: launched[1].sample(*bitmask))
         self._in_flight = launched
         if self._errors:
             outputs.errors, self._errors = self._errors, {}
@@ -146,13 +128,11 @@ class EngineCore:
                 error = request.grammar.future.exception()
                 self._errors[request.request_id] = f"its grammar could not be compiled: {error}"
 
-    def _complete(self, step: "InFlight") -> EngineCoreOutputs:
-        sched_out = step.sched_out
-        model_out = self._guarded(sched_out, step.pending.result)
+    def _complete(self, sched_out: SchedulerOutput, pending) -> EngineCoreOutputs:
+        model_out = self._guarded(sched_out, pending.result)
         advanced = self.scheduler.update_from_output(sched_out, model_out)
         out = EngineCoreOutputs(timestamp=time.monotonic())
-        if step.advancing is not None:
-            self._end_grammars(self.structured.wait_for(step.advancing))
+        self._advance_grammars([item for item in advanced if item.request.grammar is not None])
         for item in advanced:
             request = item.request
             request_id = request.request_id
@@ -175,17 +155,19 @@ class EngineCore:
             self.num_decode_steps += 1
         return out
 
-    def _end_grammars(self, advanced: list[tuple]) -> None:
-        """After constrained requests' matchers took their new tokens: a grammar that is complete
-        ends its request (as a stop), one that refused the token (never, with the masks applied)
-        aborts it. Requests that finished otherwise in the step keep their reason."""
-        for request, token, accepted, terminated in advanced:
-            if request.is_finished:
-                continue
+    def _advance_grammars(self, items: list) -> None:
+        """Constrained requests' matchers take their new tokens; a grammar that is complete ends its
+        request (as a stop), one that refuses the token (never, with the masks applied) aborts it."""
+        items = [item for item in items if not item.request.is_finished]
+        if not items:
+            return
+        tokens = [item.request.output_token_ids[item.output_index] for item in items]
+        for item, token, accepted in zip(items, tokens, self.structured.accept([i.request for i in items], tokens)):
+            request = item.request
             if not accepted:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED)
                 self._errors[request.request_id] = f"token {token} broke its grammar"
-            elif terminated:
+            elif self.structured.terminated(request):
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     # ---- named calls (between two steps) ---------------------------------------------------------
@@ -203,7 +185,7 @@ class EngineCore:
             prompt_tokens_computed=self.prompt_tokens, generation_tokens=self.generation_tokens,
             num_steps=self.num_steps, num_decode_steps=self.num_decode_steps, step_time=self.step_time,
             structured_requests=self.structured.num_requests, grammar_compile_time=self.structured.compile_time,
-            grammar_mask_time=self.structured.mask_time, grammar_wait_time=self.structured.wait_time)
+            grammar_mask_time=self.structured.mask_time)
 
     def get_stats(self) -> dict:
         return asdict(self.make_stats())

@@ -4,11 +4,10 @@ token masks that hold a request's output to its grammar.
 The front end checks a request's grammar when it arrives (`grammar_of`, tokenizer-free, so a bad
 schema is a 400 at once). The engine core compiles it against the tokenizer in a thread pool,
 outside the step loop, with a cache keyed by (kind, spec); the request waits until its grammar is
-ready without holding up the batch (the scheduler skips it). The per-step work runs on one grammar
-thread, in step order, while the step loop schedules and prepares: a step's tokens advance the
-constrained requests' matchers as soon as they reach the host (xgrammar works without the GIL),
-then the next step's bitmask is filled, one row per sampling request (rows of unconstrained
-requests are not read), for the worker to apply to the logits on their device before sampling.
+ready without holding up the batch (the scheduler skips it). Each step the core advances every
+constrained request's matcher by its new token, and fills one bitmask row per sampling request
+(rows of unconstrained requests are not read) for the worker, which applies it to the logits on
+their device before sampling; xgrammar does both without the GIL, the fill on its own threads.
 The bitmask spans the tokenizer's vocabulary; model ids past it are never allowed. JSON (schemas
 and json_object alike) is compact, without free whitespace: a loop of blank space cannot eat the
 token budget. Compact JSON never holds a raw control character, so its rows also forbid every
@@ -23,10 +22,10 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
+import numpy as np
 import torch
 
 from pagedllm.sampling_params import StructuredOutputsParams
@@ -100,8 +99,6 @@ class StructuredOutputManager:
         self._mask_vocab = 0            # the tokenizer's vocabulary: the bitmask's width in tokens
         self._pin_memory = pin_memory
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="pagedllm-grammar")
-        # the step's grammar work, in order (an advance, then the next step's fill), off the step loop
-        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedllm-grammar-step")
         self._bitmask = None
         self._lock = threading.Lock()
         self._compiler = None
@@ -111,8 +108,7 @@ class StructuredOutputManager:
         self._no_control = None         # a bitmask row without the tokens that hold control characters
         self.num_requests = 0           # constrained sequences seen
         self.compile_time = 0.0         # seconds spent compiling grammars
-        self.mask_time = 0.0            # seconds of grammar work per step (advance and fill) on its thread
-        self.wait_time = 0.0            # seconds the step loop waited for that work
+        self.mask_time = 0.0            # seconds spent advancing matchers and filling bitmasks
         self._pool.submit(self._warm_up)
 
     def _warm_up(self) -> None:
@@ -174,7 +170,7 @@ class StructuredOutputManager:
                 self._compiler = xgr.GrammarCompiler(info)
                 self._batch = xgr.BatchGrammarMatcher()
                 self._no_control = _bitmask_row(info.vocab_size, [
-                    i for i, text in enumerate(info.decoded_vocab) if any(byte < 0x20 for byte in text)])
+                    i for i, text in enumerate(info.decoded_vocab) if any(byte < 0x20 for byte in text)]).numpy()
             return self._compiler
 
     def _matcher(self, request):
@@ -183,45 +179,26 @@ class StructuredOutputManager:
             state.matcher = _xgr().GrammarMatcher(state.future.result())
         return state.matcher
 
-    # ---- the step's grammar work, on the grammar thread ------------------------------------------
-    def start_advance(self, requests: list, tokens: Callable[[], list[int]]) -> Future:
-        """Advance the matchers of a step's sampling requests by their tokens (`tokens()` waits for
-        them) on the grammar thread, as soon as they are on the host. The future gives, per
-        constrained request, (request, token, accepted, terminated): False if its grammar refused
-        the token, True if the grammar is complete."""
-        return self._step_thread.submit(self._advance, requests, tokens)
-
-    def start_bitmask(self, requests: list) -> Future:
-        """Fill one bitmask row per sampling request on the grammar thread, after the advance
-        started before it: the future gives (bitmask, rows), int32 rows as xgrammar lays them out
-        and the rows that constrain (requests without a grammar, or with a complete one, are free)."""
-        return self._step_thread.submit(self._fill, requests)
-
-    def wait_for(self, future: Future):
-        """The result of a grammar-thread future, timing how long the step loop waited for it."""
+    # ---- the step's grammar work ---------------------------------------------------------------
+    def accept(self, requests: list, tokens: list[int]) -> list[bool]:
+        """Advance the requests' matchers by their new tokens, in one call; for each, False if its
+        grammar forbids the token."""
         start = time.perf_counter()
-        try:
-            return future.result()
-        finally:
-            self.wait_time += time.perf_counter() - start
-
-    def _advance(self, requests: list, tokens: Callable[[], list[int]]) -> list[tuple]:
-        values = tokens()
-        start = time.perf_counter()
-        constrained = [(r, t) for r, t in zip(requests, values) if r.grammar is not None]
-        matchers = [self._matcher(r) for r, _ in constrained]
-        chosen = [t for _, t in constrained]
-        accepted = self._batch.batch_accept_token(matchers, chosen)
-        advanced = [(r, t, ok, m.is_terminated()) for (r, t), ok, m in zip(constrained, accepted, matchers)]
+        accepted = self._batch.batch_accept_token([self._matcher(r) for r in requests], tokens)
         self.mask_time += time.perf_counter() - start
-        return advanced
+        return accepted
 
-    def _fill(self, requests: list) -> tuple[torch.Tensor, list[int]]:
+    def terminated(self, request) -> bool:
+        return self._matcher(request).is_terminated()
+
+    def bitmask(self, requests: list) -> tuple[torch.Tensor, list[int]]:
+        """One int32 bitmask row per request (as xgrammar lays them out) and the rows that constrain:
+        rows of requests without a grammar, or whose grammar is complete, are not filled (nor read)."""
         start = time.perf_counter()
         bitmask = self._rows(len(requests))
         rows, matchers, json_rows = [], [], []
         for row, request in enumerate(requests):
-            if request.grammar is None:
+            if request.grammar is None or request.is_finished:
                 continue
             matcher = self._matcher(request)
             if not matcher.is_terminated():
@@ -229,24 +206,25 @@ class StructuredOutputManager:
                 matchers.append(matcher)
                 if request.grammar.is_json:
                     json_rows.append(row)
-        if matchers:
+        if matchers:   # (xgrammar's threads, without the GIL)
             self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        if len(json_rows) == len(requests):
-            bitmask &= self._no_control
-        elif json_rows:
-            bitmask[json_rows] &= self._no_control
+        if json_rows:   # numpy: one thread (torch's parallel ops would wake its pool on every step)
+            words = bitmask.numpy()
+            if len(json_rows) == len(requests):
+                np.bitwise_and(words, self._no_control, out=words)
+            else:
+                words[json_rows] &= self._no_control
         self.mask_time += time.perf_counter() - start
         return bitmask, rows
 
     def _rows(self, n: int) -> torch.Tensor:
         """n rows of the reused bitmask buffer (pinned when the masks go to a GPU). Reuse is safe:
-        a fill starts only after the previous mask's step has sampled (its advance waited for the
-        tokens), so that mask's copy to the device is done."""
+        the core fills a step's mask once the step before has returned its tokens, so that step's
+        mask has been copied to the device."""
         if self._bitmask is None or len(self._bitmask) < n:
             words = -(-self._mask_vocab // 32)
             self._bitmask = torch.empty(max(n, 256), words, dtype=torch.int32, pin_memory=self._pin_memory)
         return self._bitmask[:n]
 
     def shutdown(self) -> None:
-        for pool in (self._pool, self._step_thread):
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -98,14 +98,6 @@ class PendingStep:
         sample, self._sample = self._sample, None
         sample(bitmask, rows)
 
-    def sampled_tokens(self) -> list[int]:
-        """The sampled tokens, one per sampling request in order, once on the host (any thread may
-        wait for them; nothing is written)."""
-        assert self._sample is None, "the step's sampling was never issued"
-        if self.event is not None:
-            self.event.synchronize()
-        return self.tokens.tolist() if self.tokens is not None else []
-
     def result(self) -> ModelRunnerOutput:
         assert self._sample is None, "the step's sampling was never issued"
         if self.event is not None:
