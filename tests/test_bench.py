@@ -68,6 +68,10 @@ def test_latency(tiny, tmp_path):
     _env_ok(r)
     assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["output_tokens"] == 8
     assert r["decode_steps"] == 8
+    # the combined roofline: each step's max(bytes / bandwidth, FLOPs / peak) is at least the
+    # memory-only figure's share, so its fraction is no smaller
+    assert r["peak_flops_per_s"] > 0 and r["flops"] > 0
+    assert r["roofline_fraction_combined"] >= r["roofline_fraction"] > 0
 
 
 def test_prefix(tiny, tmp_path):
@@ -123,10 +127,38 @@ def test_hf_weights_match_greedy(tiny):
 
 
 def test_roofline_formula():
-    from pagedllm.bench.roofline import ideal_time, kv_token_reads, measure_bandwidth
+    from pagedllm.bench.roofline import ideal_time, kv_token_reads, measure_bandwidth, measure_peak_flops
     assert kv_token_reads([10], [3]) == 10 + 11 + 12
     assert ideal_time(3, 100, 2, [10], [3], 1.0) == 3 * 100 + 33 * 2
     assert measure_bandwidth("cpu", nbytes=1 << 20, repeats=2)["bandwidth_bytes_per_s"] > 0
+    assert measure_peak_flops("cpu", torch.float32, n=64, repeats=2)["peak_flops_per_s"] > 0
+
+
+def test_step_shapes_and_flops(tiny):
+    """The engine core's step log (what the combined roofline sums over) for one request: a
+    prefill of 12 tokens in one step, then one token per step; and the FLOPs formula's linear
+    parameters equal the model's projection weights."""
+    from transformers import AutoConfig
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.bench.roofline import combined_ideal_time, linear_params, step_flops
+    llm = LLM(tiny, load_format="dummy", device="cpu", dtype="float32", kv_cache_memory=64 << 20)
+    llm.llm_engine.record_steps(True)
+    llm.generate({"prompt_token_ids": list(range(2, 14))}, SamplingParams(max_tokens=4, ignore_eos=True))
+    steps = [tuple(s) for s in llm.llm_engine.record_steps(False)]
+    assert steps == [(12, 1, 12 * 13 // 2, 12), (1, 1, 13, 13), (1, 1, 14, 14), (1, 1, 15, 15)]
+    assert llm.llm_engine.record_steps(False) == []   # stopped: nothing more is logged
+    c = AutoConfig.from_pretrained(tiny)
+    projections = sum(p.numel() for name, p in llm.llm_engine.model_runner.model.named_parameters()
+                      if name.endswith("proj.weight"))
+    assert linear_params(c) == projections
+    head_dim = c.head_dim
+    assert step_flops(steps[1], c) == (2 * projections + 2 * c.hidden_size * c.vocab_size
+                                       + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * 13)
+    assert step_flops(steps[1], c, tensor_parallel_size=2) == step_flops(steps[1], c) / 2
+    # bound by memory at a huge peak, by compute at a tiny one
+    assert combined_ideal_time(steps, 1000, 10, c, 1, 1.0, 1e30) == sum(1000 + 10 * s[3] for s in steps)
+    assert combined_ideal_time(steps, 1000, 10, c, 1, 1e30, 1.0) == sum(step_flops(s, c) for s in steps)
+    llm.shutdown()
 
 
 def test_structured_small(tmp_path):
@@ -145,3 +177,19 @@ def test_structured_small(tmp_path):
     assert run["valid_json_of_finished"] == run["finished"] and run["invalid_outputs"] == []
     assert run["output_tokens"] > 0 and run["ratio"] > 0 and run["mask_ms_per_step"] > 0
     assert r["commit"] and r["device"]
+
+
+@pytest.mark.parametrize("name, billions", [("Qwen/Qwen3-0.6B", 0.596), ("Qwen/Qwen3-8B", 8.19)])
+def test_bundled_configs_without_the_hub(monkeypatch, name, billions):
+    """The shipped configs stand in for the Hub with dummy weights, and have the real models' sizes."""
+    from transformers import AutoConfig
+    from pagedllm.models import loader
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = loader.resolve(name, load_format="dummy")
+    assert source.config_file == str(loader.BUNDLED_CONFIGS[name])
+    c = AutoConfig.from_pretrained(source.config_file)
+    attention = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size + 2 * c.head_dim
+    embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    params = c.num_hidden_layers * layer + embeddings + c.hidden_size
+    assert params / 1e9 == pytest.approx(billions, abs=0.01)

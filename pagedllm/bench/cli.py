@@ -80,6 +80,16 @@ def _bandwidth(args) -> dict:
     return measure_bandwidth(device)
 
 
+def _limits(args) -> dict:
+    """The device's bandwidth and its matmul peak in the engine's dtype, before the engine is built."""
+    import torch
+    from pagedllm.bench.roofline import measure_peak_flops
+    from pagedllm.engine.engine_args import EngineArgs
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, EngineArgs.from_cli_args(args)._dtype(device))
+    return {**_bandwidth(args), **measure_peak_flops(device, dtype)}
+
+
 
 
 def _free_cuda() -> None:
@@ -105,7 +115,7 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     overrides = {}
     if args.workload == "nano" and args.max_model_len is None:
         overrides["max_model_len"] = 4096
-    bw = _bandwidth(args)
+    bw = _limits(args)
     llm = _engine(args, **overrides)
     vocab = llm.llm_engine.vocab_size
     if args.workload == "nano":
@@ -118,8 +128,8 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     device = llm.llm_engine.config.device
     run_llm(llm, reqs[:2], temperature)   # warm-up
     llm.llm_engine.reset_prefix_cache()   # the warm-up prompts must not be cache hits in the timed run
-    rows = [{"mode": "pagedllm (all at once)", **run_llm_roofline(llm, reqs, temperature,
-                                                                  bw["bandwidth_bytes_per_s"])}]
+    rows = [{"mode": "pagedllm (all at once)", **run_llm_roofline(llm, reqs, temperature, bw["bandwidth_bytes_per_s"],
+                                                                  bw["peak_flops_per_s"])}]
     result = {**results.environment(), "benchmark": "throughput", "workload": args.workload,
               "workload_params": ({"num_prompts": args.num_prompts, "len_range": list(args.nano_len_range)}
                                   if args.workload == "nano" else
@@ -190,7 +200,9 @@ def _finish_throughput(args, result: dict, rows: list[dict], partial: bool = Fal
               f"{result['weight_bytes'] / 1e9:.3f} GB, KV {result['kv_bytes_per_token']:,} B/token, "
               f"{result['decode_steps']} decode steps, ideal {result['ideal_time_s']:.2f} s "
               f"({result['ideal_output_tokens_per_s']:,.0f} tok/s), roofline_fraction "
-              f"{result['roofline_fraction']:.3f}")
+              f"{result['roofline_fraction']:.3f}; with compute (peak {result['peak_flops_per_s'] / 1e12:,.1f} "
+              f"TFLOP/s, {result['flops'] / 1e12:,.1f} TFLOP): ideal {result['ideal_time_combined_s']:.2f} s, "
+              f"roofline_fraction_combined {result['roofline_fraction_combined']:.3f}")
     for k, v in ok.items():
         table += f"\n\nspeed-up over {k}: {result['output_tokens_per_s'] / v['output_tokens_per_s']:.2f}x"
     if "hf" in result:
@@ -204,14 +216,16 @@ def _finish_throughput(args, result: dict, rows: list[dict], partial: bool = Fal
 
 def cmd_latency(args: argparse.Namespace) -> None:
     from pagedllm.bench.latency import run_latency
-    bw = _bandwidth(args)
+    bw = _limits(args)
     llm = _engine(args)
-    lat = run_latency(llm, args.input_len, args.output_len, args.repeats, bandwidth=bw["bandwidth_bytes_per_s"])
+    lat = run_latency(llm, args.input_len, args.output_len, args.repeats, bandwidth=bw["bandwidth_bytes_per_s"],
+                      peak_flops=bw["peak_flops_per_s"])
     result = {**results.environment(), "benchmark": "latency", "workload": "latency",
               "model": llm.llm_engine.config.model.model, "dtype": llm.llm_engine.config.model.dtype,
               "device_str": llm.llm_engine.config.device, "enforce_eager": args.enforce_eager, **bw, **lat}
     table = results.markdown_table([result], ["workload", "prompt_len", "output_len", "ttft_ms", "tpot_ms",
-                                              "ideal_tpot_ms", "output_tokens_per_s", "roofline_fraction"])
+                                              "ideal_tpot_ms", "output_tokens_per_s", "roofline_fraction",
+                                              "roofline_fraction_combined"])
     results.save(result, args.output, table)
     _plot("latency", result, args.output)
 

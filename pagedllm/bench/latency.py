@@ -39,7 +39,7 @@ def one_request(llm, prompt: list[int], output_len: int) -> dict:
 
 
 def run_latency(llm, prompt_len: int = 512, output_len: int = 256, repeats: int = 3, seed: int = 0,
-                bandwidth: float | None = None) -> dict:
+                bandwidth: float | None = None, peak_flops: float | None = None) -> dict:
     vocab = llm.llm_engine.vocab_size
     rng = random.Random(seed)
     one_request(llm, [rng.randrange(vocab) for _ in range(prompt_len)], min(output_len, 8))  # warm-up
@@ -61,7 +61,7 @@ def run_latency(llm, prompt_len: int = 512, output_len: int = 256, repeats: int 
               "decode_tokens_per_s": 1 / tpot if tpot else None, "runs": runs}
     if bandwidth is not None:
         # the last repeat's step count; ideal vs the median total time
-        result.update(roofline(llm, counter, [prompt_len], [n], total, bandwidth))
+        result.update(roofline(llm, counter, [prompt_len], [n], total, bandwidth, peak_flops))
         # weights-only limit per output token, the figure the issue quotes (0.4 ms on an H100)
         result["ideal_tpot_ms"] = (result["weight_bytes"] + (prompt_len + n / 2) * result["kv_bytes_per_token"]) \
             / bandwidth * 1e3

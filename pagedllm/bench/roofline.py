@@ -13,6 +13,19 @@
   token attends to the prompt, the second to the prompt + 1, ...).
 - with tensor parallelism the GPUs read their shares side by side, so the roofline is one GPU's:
   rank 0's weight bytes and its KV bytes per token, at one GPU's measured bandwidth.
+
+A large model at a large batch is compute-bound (an 8B decode step at batch 256 is ~4 TFLOP), and
+the memory-only figure understates its limit. The combined roofline takes each engine step on its
+own (the engine core logs their shapes, `record_steps`):
+
+    ideal_time_combined = sum over steps of max(bytes / bandwidth, FLOPs / peak)
+
+- bytes: all the weights, plus each scheduled request's KV read once (its context after the step);
+- FLOPs: 2 x linear parameters per computed token, 2 x hidden x vocab per sampled row (the LM
+  head), 4 x layers x heads x head_dim per attended (query, key) pair (QK^T and PV), divided among
+  tensor-parallel ranks;
+- peak: measured in the same run with a large square matmul in the model's dtype, 2 n^3 FLOPs per
+  product over the median time.
 """
 
 import statistics
@@ -55,6 +68,61 @@ def measure_bandwidth(device: str | torch.device, nbytes: int | None = None, rep
             "bandwidth_repeats": repeats, "bandwidth_method": "device-to-device copy, (read + write) / median time"}
 
 
+def measure_peak_flops(device: str | torch.device, dtype: torch.dtype, n: int | None = None,
+                       repeats: int = 10) -> dict:
+    """Multiply two n x n matrices on the device; return FLOP/s (2 n^3 per product)."""
+    device = torch.device(device)
+    if n is None:
+        n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 1):   # the first product warms up (library choice, clocks)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            seconds = time.perf_counter() - t0
+        if i:
+            times.append(seconds)
+    del a, b
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"peak_flops_per_s": 2 * n ** 3 / statistics.median(times), "peak_matmul_n": n,
+            "peak_dtype": str(dtype).removeprefix("torch."), "peak_method": "n x n matmul, 2 n^3 / median time"}
+
+
+def linear_params(hf_config) -> int:
+    """Weights every computed token multiplies: attention projections and MLP, all layers."""
+    c = hf_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    return c.num_hidden_layers * (attention + 3 * c.hidden_size * c.intermediate_size)
+
+
+def step_flops(step: tuple[int, int, int, int], hf_config, tensor_parallel_size: int = 1) -> float:
+    """One step's FLOPs on one rank; step = (tokens, sampled rows, attended pairs, context)."""
+    tokens, sampled, pairs, _ = step
+    c = hf_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    flops = (2 * linear_params(c) * tokens + 2 * c.hidden_size * c.vocab_size * sampled
+             + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs)
+    return flops / tensor_parallel_size
+
+
+def combined_ideal_time(steps: list, weight_bytes: int, kv_bytes_per_token: int, hf_config,
+                        tensor_parallel_size: int, bandwidth: float, peak_flops: float) -> float:
+    """Sum over steps of max(bytes / bandwidth, FLOPs / peak)."""
+    return sum(max((weight_bytes + kv_bytes_per_token * step[3]) / bandwidth,
+                   step_flops(step, hf_config, tensor_parallel_size) / peak_flops) for step in steps)
+
+
 def kv_token_reads(prompt_lens: list[int], output_lens: list[int]) -> int:
     """Sum over generated tokens of their context length: token i of a request with prompt length P
     attends to P + i tokens."""
@@ -68,33 +136,37 @@ def ideal_time(decode_steps: int, weight_bytes: int, kv_bytes_per_token: int, pr
 
 
 class StepCounter:
-    """Engine steps, and those that sampled any token, while counting() is active (read from the
-    engine core's totals before and after)."""
+    """Engine steps, those that sampled any token, and every step's shape, while counting() is
+    active (from the engine core's totals before and after, and its step log)."""
 
     def __init__(self, llm) -> None:
         self.engine = llm.llm_engine
         self.steps = 0          # all steps that ran something
         self.decode_steps = 0   # steps that produced at least one token
+        self.shapes: list = []  # (tokens, sampled rows, attended pairs, context) per step
 
     @contextmanager
     def counting(self):
         before = self.engine.get_stats()
+        self.engine.record_steps(True)
         try:
             yield self
         finally:
+            self.shapes = self.engine.record_steps(False)
             after = self.engine.get_stats()
             self.steps = after["num_steps"] - before["num_steps"]
             self.decode_steps = after["num_decode_steps"] - before["num_decode_steps"]
 
 
 def roofline(llm, counter: StepCounter, prompt_lens: list[int], output_lens: list[int], elapsed: float,
-             bandwidth: float) -> dict:
-    """The roofline fields of a result: ideal time, fraction, and what went into them."""
+             bandwidth: float, peak_flops: float | None = None) -> dict:
+    """The roofline fields of a result: ideal time, fraction, and what went into them; with the
+    measured peak, the combined (compute-aware) ones too."""
     wb = llm.llm_engine.model_info()["weight_bytes"]
     model = llm.llm_engine.config.model
     kvb = model.kv_bytes_per_token_per_rank
     ideal = ideal_time(counter.decode_steps, wb, kvb, prompt_lens, output_lens, bandwidth)
-    return {
+    result = {
         "tensor_parallel_size": model.tensor_parallel_size,
         "weight_bytes": wb, "kv_bytes_per_token": kvb, "decode_steps": counter.decode_steps,
         "engine_steps": counter.steps, "kv_token_reads": kv_token_reads(prompt_lens, output_lens),
@@ -102,3 +174,10 @@ def roofline(llm, counter: StepCounter, prompt_lens: list[int], output_lens: lis
         "ideal_output_tokens_per_s": sum(output_lens) / ideal if ideal > 0 else None,
         "roofline_fraction": ideal / elapsed if elapsed > 0 else None,
     }
+    if peak_flops is not None:
+        combined = combined_ideal_time(counter.shapes, wb, kvb, model.hf_config, model.tensor_parallel_size,
+                                       bandwidth, peak_flops)
+        flops = sum(step_flops(step, model.hf_config, model.tensor_parallel_size) for step in counter.shapes)
+        result.update({"peak_flops_per_s": peak_flops, "flops": flops, "ideal_time_combined_s": combined,
+                       "roofline_fraction_combined": combined / elapsed if elapsed > 0 else None})
+    return result

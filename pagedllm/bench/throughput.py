@@ -52,8 +52,10 @@ def sync(llm) -> None:
         torch.cuda.synchronize()
 
 
-def run_llm_roofline(llm, requests: list[BenchRequest], temperature: float, bandwidth: float) -> dict:
-    """run_llm, plus the roofline fields (decode steps counted by the engine core)."""
+def run_llm_roofline(llm, requests: list[BenchRequest], temperature: float, bandwidth: float,
+                     peak_flops: float | None = None) -> dict:
+    """run_llm, plus the roofline fields (decode steps counted by the engine core; the combined
+    ones from its step shapes when the peak is given)."""
     from pagedllm.bench.roofline import StepCounter, roofline
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [_params(r, temperature) for r in requests]
@@ -66,5 +68,5 @@ def run_llm_roofline(llm, requests: list[BenchRequest], temperature: float, band
         elapsed = time.perf_counter() - start
     summary = summarize(requests, outputs, elapsed)
     summary.update(roofline(llm, counter, [len(r.prompt_token_ids) for r in requests],
-                            [len(o.outputs[0].token_ids) for o in outputs], elapsed, bandwidth))
+                            [len(o.outputs[0].token_ids) for o in outputs], elapsed, bandwidth, peak_flops))
     return summary

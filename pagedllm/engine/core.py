@@ -29,7 +29,8 @@ from pagedllm.engine.structured_output import StructuredOutputManager
 logger = logging.getLogger(__name__)
 
 # what a client may call by name between two steps (call_utility)
-UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_stats", "model_info", "kv_cache_state", "snapshot"})
+UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_stats", "model_info", "kv_cache_state", "snapshot",
+                             "record_steps"})
 
 
 class EngineCore:
@@ -54,6 +55,7 @@ class EngineCore:
         self.step_time = 0.0
         self._snapshot_ids: dict = {}   # the dashboard snapshot's per-request cache
         self._colours = ColourBook()    # and its colours, kept from poll to poll
+        self._step_log: list[tuple[int, int, int, int]] | None = None   # step shapes, for benchmarks
 
     @classmethod
     def from_config(cls, config: EngineConfig, source) -> "EngineCore":
@@ -99,6 +101,8 @@ class EngineCore:
         launched = None
         if not sched_out.is_empty:
             self.prompt_tokens += sched_out.num_prompt_tokens
+            if self._step_log is not None:
+                self._step_log.append(self._step_shape(sched_out))
             launched = (sched_out, self._guarded(sched_out, lambda: self.executor.execute_model(sched_out)))
         if launched is None and self._in_flight is None:
             self.structured.wait(0.05)    # nothing to run until a grammar compiles: wait, do not spin
@@ -189,6 +193,19 @@ class EngineCore:
 
     def get_stats(self) -> dict:
         return asdict(self.make_stats())
+
+    def record_steps(self, on: bool) -> list[tuple[int, int, int, int]]:
+        """Start (on) or stop logging the shape of each step; returns the steps logged since the
+        last call, each (tokens computed, rows sampled, attended (query, key) pairs, the scheduled
+        requests' contexts after the step): what a compute-aware roofline needs."""
+        logged = self._step_log or []
+        self._step_log = [] if on else None
+        return logged
+
+    def _step_shape(self, out: SchedulerOutput) -> tuple[int, int, int, int]:
+        spans = list(zip(out.num_computed_tokens, out.num_scheduled_tokens))
+        return (sum(n for _, n in spans), len(self.scheduler.sampling_requests(out)),
+                sum(n * start + n * (n + 1) // 2 for start, n in spans), sum(start + n for start, n in spans))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached-and-free prefix block (blocks in use stay)."""

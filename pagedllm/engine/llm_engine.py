@@ -82,6 +82,10 @@ class LLMEngine:
     def kv_cache_state(self) -> dict:
         return self.engine_core.call_utility("kv_cache_state")
 
+    def record_steps(self, on: bool) -> list:
+        """Start or stop logging step shapes; the steps logged since the last call (EngineCore)."""
+        return self.engine_core.call_utility("record_steps", on)
+
     @property
     def model_runner(self):
         """Rank 0's model runner, for what needs the model itself (the HF baseline copies its

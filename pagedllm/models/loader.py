@@ -22,7 +22,8 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_CONFIGS = {"Qwen/Qwen3-0.6B": Path(__file__).parent.parent / "data" / "qwen3-0.6b-config.json"}
+BUNDLED_CONFIGS = {name: Path(__file__).parent.parent / "data" / f"{name.split('/')[1].lower()}-config.json"
+                   for name in ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B")}
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM",
                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
