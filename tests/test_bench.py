@@ -1,5 +1,6 @@
 """The bench subcommands end to end on a tiny dummy Qwen3 (CPU, a few seconds each)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -147,17 +148,18 @@ def test_step_shapes_and_flops(tiny):
     steps = [tuple(s) for s in llm.llm_engine.record_steps(False)]
     assert steps == [(12, 1, 12 * 13 // 2, 12), (1, 1, 13, 13), (1, 1, 14, 14), (1, 1, 15, 15)]
     assert llm.llm_engine.record_steps(False) == []   # stopped: nothing more is logged
+    model = llm.llm_engine.config.model
     c = AutoConfig.from_pretrained(tiny)
     projections = sum(p.numel() for name, p in llm.llm_engine.model_runner.model.named_parameters()
                       if name.endswith("proj.weight"))
-    assert linear_params(c) == projections
+    assert linear_params(model) == projections
     head_dim = c.head_dim
-    assert step_flops(steps[1], c) == (2 * projections + 2 * c.hidden_size * c.vocab_size
-                                       + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * 13)
-    assert step_flops(steps[1], c, tensor_parallel_size=2) == step_flops(steps[1], c) / 2
+    assert step_flops(steps[1], model) == (2 * projections + 2 * c.hidden_size * c.vocab_size
+                                           + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * 13)
+    assert step_flops(steps[1], dataclasses.replace(model, tensor_parallel_size=2)) == step_flops(steps[1], model) / 2
     # bound by memory at a huge peak, by compute at a tiny one
-    assert combined_ideal_time(steps, 1000, 10, c, 1, 1.0, 1e30) == sum(1000 + 10 * s[3] for s in steps)
-    assert combined_ideal_time(steps, 1000, 10, c, 1, 1e30, 1.0) == sum(step_flops(s, c) for s in steps)
+    assert combined_ideal_time(steps, 1000, 10, model, 1.0, 1e30) == sum(1000 + 10 * s[3] for s in steps)
+    assert combined_ideal_time(steps, 1000, 10, model, 1e30, 1.0) == sum(step_flops(s, model) for s in steps)
     llm.shutdown()
 
 

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 
 import torch
 
+from pagedllm.config import ModelConfig
+
 
 def measure_bandwidth(device: str | torch.device, nbytes: int | None = None, repeats: int = 10) -> dict:
     """Copy a large buffer to another on the same device; return bytes/s (read + written)."""
@@ -98,29 +100,27 @@ def measure_peak_flops(device: str | torch.device, dtype: torch.dtype, n: int | 
             "peak_dtype": str(dtype).removeprefix("torch."), "peak_method": "n x n matmul, 2 n^3 / median time"}
 
 
-def linear_params(hf_config) -> int:
+def linear_params(model: ModelConfig) -> int:
     """Weights every computed token multiplies: attention projections and MLP, all layers."""
-    c = hf_config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    return c.num_hidden_layers * (attention + 3 * c.hidden_size * c.intermediate_size)
+    c = model.hf_config
+    attention = c.hidden_size * model.head_dim * (2 * c.num_attention_heads + 2 * model.num_kv_heads)
+    return model.num_layers * (attention + 3 * c.hidden_size * c.intermediate_size)
 
 
-def step_flops(step: tuple[int, int, int, int], hf_config, tensor_parallel_size: int = 1) -> float:
+def step_flops(step: tuple[int, int, int, int], model: ModelConfig) -> float:
     """One step's FLOPs on one rank; step = (tokens, sampled rows, attended pairs, context)."""
     tokens, sampled, pairs, _ = step
-    c = hf_config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    flops = (2 * linear_params(c) * tokens + 2 * c.hidden_size * c.vocab_size * sampled
-             + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs)
-    return flops / tensor_parallel_size
+    c = model.hf_config
+    flops = (2 * linear_params(model) * tokens + 2 * c.hidden_size * c.vocab_size * sampled
+             + 4 * model.num_layers * c.num_attention_heads * model.head_dim * pairs)
+    return flops / model.tensor_parallel_size
 
 
-def combined_ideal_time(steps: list, weight_bytes: int, kv_bytes_per_token: int, hf_config,
-                        tensor_parallel_size: int, bandwidth: float, peak_flops: float) -> float:
+def combined_ideal_time(steps: list, weight_bytes: int, kv_bytes_per_token: int, model: ModelConfig,
+                        bandwidth: float, peak_flops: float) -> float:
     """Sum over steps of max(bytes / bandwidth, FLOPs / peak)."""
     return sum(max((weight_bytes + kv_bytes_per_token * step[3]) / bandwidth,
-                   step_flops(step, hf_config, tensor_parallel_size) / peak_flops) for step in steps)
+                   step_flops(step, model) / peak_flops) for step in steps)
 
 
 def kv_token_reads(prompt_lens: list[int], output_lens: list[int]) -> int:
@@ -175,9 +175,8 @@ def roofline(llm, counter: StepCounter, prompt_lens: list[int], output_lens: lis
         "roofline_fraction": ideal / elapsed if elapsed > 0 else None,
     }
     if peak_flops is not None:
-        combined = combined_ideal_time(counter.shapes, wb, kvb, model.hf_config, model.tensor_parallel_size,
-                                       bandwidth, peak_flops)
-        flops = sum(step_flops(step, model.hf_config, model.tensor_parallel_size) for step in counter.shapes)
+        combined = combined_ideal_time(counter.shapes, wb, kvb, model, bandwidth, peak_flops)
+        flops = sum(step_flops(step, model) for step in counter.shapes)
         result.update({"peak_flops_per_s": peak_flops, "flops": flops, "ideal_time_combined_s": combined,
                        "roofline_fraction_combined": combined / elapsed if elapsed > 0 else None})
     return result
