@@ -96,7 +96,6 @@ class GrammarState:
 class StructuredOutputManager:
     def __init__(self, load_tokenizer, pin_memory: bool = False, max_threads: int = 4) -> None:
         self._load_tokenizer = load_tokenizer
-        self._mask_vocab = 0            # the tokenizer's vocabulary: the bitmask's width in tokens
         self._pin_memory = pin_memory
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="pagedllm-grammar")
         self._bitmask = None
@@ -106,6 +105,7 @@ class StructuredOutputManager:
         self._batch = None
         self._failed: list = []         # requests whose compilation failed (appended by pool threads)
         self._no_control = None         # a bitmask row without the tokens that hold control characters
+                                        # (its width is every bitmask's: the tokenizer's vocabulary)
         self.num_requests = 0           # constrained sequences seen
         self.compile_time = 0.0         # seconds spent compiling grammars
         self.mask_time = 0.0            # seconds spent advancing matchers and filling bitmasks
@@ -166,7 +166,6 @@ class StructuredOutputManager:
                 # tokens, advanced a matcher 10x slower with 100k of them (a dummy Qwen3 under
                 # SmolLM2's tokenizer)
                 info = xgr.TokenizerInfo.from_huggingface(tokenizer)
-                self._mask_vocab = info.vocab_size
                 self._compiler = xgr.GrammarCompiler(info)
                 self._batch = xgr.BatchGrammarMatcher()
                 self._no_control = _bitmask_row(info.vocab_size, [
@@ -222,8 +221,8 @@ class StructuredOutputManager:
         the core fills a step's mask once the step before has returned its tokens, so that step's
         mask has been copied to the device."""
         if self._bitmask is None or len(self._bitmask) < n:
-            words = -(-self._mask_vocab // 32)
-            self._bitmask = torch.empty(max(n, 256), words, dtype=torch.int32, pin_memory=self._pin_memory)
+            self._bitmask = torch.empty(max(n, 256), len(self._no_control), dtype=torch.int32,
+                                        pin_memory=self._pin_memory)
         return self._bitmask[:n]
 
     def shutdown(self) -> None:
