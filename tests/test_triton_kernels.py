@@ -5,7 +5,6 @@ tensors: TRITON_INTERPRET is read when @triton.jit decorates a kernel, so it is 
 kernel modules are imported, and the modules are reloaded if another test imported them first.
 """
 
-import importlib
 import math
 import os
 
@@ -16,31 +15,19 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import triton  # noqa: E402
 
 from pagedllm.kernels import torch_ref  # noqa: E402
 from pagedllm.kernels.triton import paged_attention as pa_mod  # noqa: E402
 from pagedllm.kernels.triton import store_kv as store_mod  # noqa: E402
-from tests.triton_interpreter import patch_interpreter  # noqa: E402
+from tests.triton_interpreter import interpret, patch_interpreter  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
-def _use_interpreter():
-    """Make sure the kernels really run under the interpreter on a CPU-only machine."""
-    from triton.runtime import interpreter
-
-    triton.knobs.runtime.interpret = True
-    if not isinstance(pa_mod._paged_attention_kernel, interpreter.InterpretedFunction):
-        importlib.reload(pa_mod)
-        importlib.reload(store_mod)
-    assert isinstance(pa_mod._decode_split_kernel, interpreter.InterpretedFunction)
-    assert isinstance(store_mod._store_kv_kernel, interpreter.InterpretedFunction)
+if not ON_GPU:   # make sure the kernels really run under the interpreter on a CPU-only machine
+    interpret(pa_mod, "_paged_attention_kernel")
+    interpret(store_mod, "_store_kv_kernel")
     patch_interpreter()
-
-
-if not ON_GPU:
-    _use_interpreter()
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
        torch.float16: dict(atol=2e-3, rtol=2e-3)}

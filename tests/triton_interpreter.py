@@ -1,7 +1,10 @@
 """Two gaps of Triton 3.6's interpreter, patched for the tests that run kernels on CPU (the GPU
 path is unaffected)."""
 
+import importlib
+
 import numpy as np
+import torch
 import triton
 from triton.runtime import interpreter
 
@@ -36,10 +39,7 @@ def patch_interpreter() -> None:
 
 def interpret(module, kernel: str):
     """Without CUDA: make sure `module`'s kernels run under the interpreter (TRITON_INTERPRET is read
-    when @triton.jit decorates, so a module imported before it was set is reloaded). Returns the
-    module to use."""
-    import importlib
-    import torch
+    when @triton.jit decorates, so a module imported before it was set is reloaded in place)."""
     if torch.cuda.is_available():
         return module
     triton.knobs.runtime.interpret = True
