@@ -50,7 +50,6 @@ class AsyncLLM:
         if max_waiting_requests is not None:
             total = config.scheduler.max_num_seqs + max_waiting_requests
             self.max_requests = math.ceil(total / num_api_servers)
-        self.num_rejected = 0
         self.dead_error: BaseException | None = None
         self.startup_error: BaseException | None = None
         self.on_dead = None            # called (on the event loop) once the core is gone
@@ -88,7 +87,6 @@ class AsyncLLM:
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine core is not running: {self.dead_error}")
         if self.max_requests is not None and self.output_processor.num_requests >= self.max_requests:
-            self.num_rejected += 1
             raise EngineOverloadedError(f"the server is overloaded: more than {self.max_requests} requests are "
                                         "in flight; retry later")
         requests = self.input_processor.process(request_id, token_ids, params, client_index=self.client.client_index)

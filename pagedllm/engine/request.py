@@ -54,31 +54,12 @@ class Request:
     grammar: object = None              # structured outputs: its grammar state (ready() when compiled)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
-    @property
-    def known_output_token_ids(self) -> list[int]:
-        out = self.output_token_ids
-        return out[:-1] if out and out[-1] == PLACEHOLDER else out
-
-    @property
-    def num_known_output_tokens(self) -> int:
-        """Output tokens whose values are on the host (all but a trailing placeholder)."""
-        out = self.output_token_ids
-        return len(out) - 1 if out and out[-1] == PLACEHOLDER else len(out)
 
     @property
     def num_known_tokens(self) -> int:
