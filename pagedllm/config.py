@@ -77,3 +77,4 @@ class EngineConfig:
     device: str = "cpu"
     enforce_eager: bool = False
     seed: int = 0
+    data_parallel_size: int = 1      # engine cores behind one front end, each a copy of this config

@@ -115,11 +115,16 @@ class EngineCoreOutputs(_Plain):
     num_cached_tokens: dict[str, int] = {}     # with a request's first token
     queue_time: dict[str, float] = {}          # with a request's first token: arrival to first scheduled
     errors: dict[str, str] = {}                # sequences the core gave up on (aborted there), and why
+    # with several cores (data parallel): the prefix-block hashes this core cached / evicted since
+    # its last message, for the front ends' prefix-aware routing
+    blocks_cached: list[bytes] = []
+    blocks_evicted: list[bytes] = []
     scheduler_stats: SchedulerStats | None = None
     utility_results: list[UtilityResult] = []
     engine_info: dict | None = None        # the core's first message: it is ready
     dead: str | None = None                # the core's last message: why it stops ("ValueError: ...")
     timestamp: float = 0.0
+    engine_index: int = 0                  # which core sent it (set by the front end that received it)
 
 
 # the front end's messages to the core

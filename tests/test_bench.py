@@ -108,6 +108,22 @@ def test_serve_vs_offline_small(tiny, tmp_path):
     assert (tmp_path / "svo.png").exists()
 
 
+def test_data_parallel_small(tiny, tmp_path):
+    """The DP benchmark at CPU size: one core, then two (prefix and round-robin routing), each
+    through a real server, on nano and the multi-tenant prefix workload."""
+    stem = tmp_path / "dp"
+    main(["bench", "data-parallel", tiny, *COMMON, "--max-model-len", "512", "--num-prompts", "6",
+          "--nano-len-range", "8", "24", "--client-processes", "1", "--num-tenants", "2", "--prefix-len", "64",
+          "--unique-len", "8", "--per-tenant", "6", "--output-len", "4", "--output", str(stem)])
+    r = _load(stem)
+    assert r["data_parallel_size"] == 2 and set(r["servers"]) == {"1 core", "2 cores, prefix", "2 cores, round-robin"}
+    for runs in r["servers"].values():
+        assert runs["server_exit_code"] == 0
+        assert runs["nano"]["completed"] == 6 and runs["tenants"]["completed"] == 12
+        assert runs["tenants"]["total_output_tokens"] == 12 * 4 and 0 < runs["tenants"]["hit_rate"] < 1
+    assert r["servers"]["1 core"]["nano"]["speedup_vs_one_core"] == 1.0
+
+
 def _nano_lengths(num: int, lo: int, hi: int) -> list[tuple[int, int]]:
     from pagedllm.bench.workloads import nano_requests
     return [(len(r.prompt_token_ids), r.output_len) for r in nano_requests(1000, num, lo, hi)]

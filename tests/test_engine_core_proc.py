@@ -58,7 +58,7 @@ class _Core:
         self.thread.start()
 
     def front_end(self, client: int = 0) -> AsyncLLM:
-        return AsyncLLM(self.config, None, self.addresses[client])
+        return AsyncLLM(self.config, None, [self.addresses[client]])
 
     def stop(self) -> int:
         request_shutdown(self.input)

@@ -37,9 +37,10 @@ def register(sub) -> None:
     tp.add_argument("--output", default=None, help="path stem for the .json, .md and .png results")
     tp.set_defaults(func=cmd_throughput)
 
-    from pagedllm.bench import serve, serve_vs_offline, stress, structured
+    from pagedllm.bench import data_parallel, serve, serve_vs_offline, stress, structured
     serve.add_parser(bench)
     serve_vs_offline.add_parser(bench)
+    data_parallel.add_parser(bench)
     structured.add_parser(bench)
     stress.add_parser(bench)
 

@@ -51,13 +51,16 @@ def _nano(args, vocab: int) -> list[BenchRequest]:
     return nano_requests(vocab, num=args.num_prompts, min_len=lo, max_len=hi)
 
 
-def _post(url: str) -> None:
+def post(url: str) -> None:
     urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=60).read()
 
 
-def _start_server(args, count: int, port: int) -> subprocess.Popen:
+def start_server(args, count: int, port: int, **engine_overrides) -> subprocess.Popen:
+    """`pagedllm serve` with the engine flags of `args` (and `engine_overrides` on top) and `count`
+    API processes; returns once /health answers."""
     from pagedllm.engine.engine_args import EngineArgs
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", *EngineArgs.from_cli_args(args).to_cli_args(),
+    flags = EngineArgs.from_cli_args(args, **engine_overrides).to_cli_args()
+    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", *flags,
            "--port", str(port), "--api-server-count", str(count), "--uvicorn-log-level", "warning"]
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + args.server_timeout
@@ -79,7 +82,8 @@ def _served(args, count: int, requests: list[BenchRequest], vocab: int) -> dict:
     from pagedllm.distributed.parallel_state import free_port
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start_server(args, count, port)
+    proc = start_server(args, count, port)
+    runs = {}
     try:
         model = served_model(url + "/v1", None)
 
@@ -87,11 +91,10 @@ def _served(args, count: int, requests: list[BenchRequest], vocab: int) -> dict:
             return ClientConfig(url + "/v1", model, None, stream, temperature, True, args.timeout, client)
 
         benchmark(cfg(True), requests[:2])   # warm-up
-        runs = {}
         for name, config, processes in (("stream", cfg(True), args.client_processes),
                                         ("no_stream", cfg(False), args.client_processes),
                                         ("stream_openai", cfg(True, "openai"), 1)):
-            _post(url + "/reset_prefix_cache")
+            post(url + "/reset_prefix_cache")
             runs[name] = benchmark(config, requests, processes)
             print(f"served x{count} {name}: {runs[name]['output_throughput']:,.0f} tok/s, "
                   f"client CPU {runs[name].get('client_cpu_fraction', 0):.0%}", flush=True)
@@ -99,14 +102,18 @@ def _served(args, count: int, requests: list[BenchRequest], vocab: int) -> dict:
         runs["single_stream"] = {"tpot_ms": sorted(s["mean_tpot_ms"] for s in single)[1],
                                  "ttft_ms": sorted(s["mean_ttft_ms"] for s in single)[1]}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            runs_exit = proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            runs_exit = None
-    runs["server_exit_code"] = runs_exit
+        runs["server_exit_code"] = stop_server(proc)
     return runs
+
+
+def stop_server(proc: subprocess.Popen) -> int | None:
+    """SIGTERM (the server drains), then its exit code; killed (None) if it takes over 2 minutes."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None
 
 
 def _one_stream(cfg: ClientConfig, vocab: int, args, seed: int) -> dict:

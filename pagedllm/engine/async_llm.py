@@ -9,6 +9,8 @@ strings), and feeds the metrics. Leaving a request's stream early aborts it in t
 
 If the core dies, every request in flight ends with EngineDeadError, new requests are refused
 with it, and `is_healthy` turns False (the server's /health answers 503, and the server exits).
+With several cores (data parallelism: one address per core), a router picks each request's core;
+one core's death fails only its own requests (`core_errors` names it) and the rest serve on.
 """
 
 import asyncio
@@ -18,8 +20,10 @@ from collections.abc import AsyncIterator
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.client import AsyncMPClient, CoreAddresses, EngineDeadError
+from pagedllm.engine.dp_client import DPAsyncClient
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputProcessor, RequestOutputCollector
+from pagedllm.engine.router import Router
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -33,17 +37,22 @@ class EngineOverloadedError(RuntimeError):
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, tokenizer, addresses: CoreAddresses, metrics=None,
-                 stream_interval: int = 1, max_waiting_requests: int | None = None, num_api_servers: int = 1) -> None:
+    def __init__(self, config: EngineConfig, tokenizer, addresses: list[CoreAddresses], metrics=None,
+                 stream_interval: int = 1, max_waiting_requests: int | None = None, num_api_servers: int = 1,
+                 routing: str = "prefix") -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = config.model.hf_config.vocab_size
         self.max_model_len = config.model.max_model_len
         self.input_processor = InputProcessor(config, tokenizer)
         self.output_processor = OutputProcessor(tokenizer, stream_interval)
-        self.client = AsyncMPClient(addresses, self._on_dead)
+        if len(addresses) == 1:
+            self.client = AsyncMPClient(addresses[0], self._on_dead)
+        else:
+            router = Router(len(addresses), config.cache.block_size, routing)
+            self.client = DPAsyncClient(addresses, router, self._on_dead)
         self.metrics = metrics
-        self.log_stats = metrics is not None and addresses.client_index == 0
+        self.log_stats = metrics is not None and self.client.client_index == 0
         # Admission limit: a new request is refused (EngineOverloadedError -> HTTP 503) while this
         # process already holds its share of max_num_seqs + max_waiting_requests unfinished requests.
         self.max_requests = None
@@ -124,8 +133,21 @@ class AsyncLLM:
                 self.metrics.record_aborted()
 
     async def call_utility(self, method: str, *args):
-        """A named call the engine core runs between two steps (e.g. "snapshot")."""
-        return await self.client.call_utility(method, *args)
+        """A named call every engine core runs between two steps (e.g. "reset_prefix_cache"); the
+        first core's result, or its error if every core failed."""
+        results = await self.client.call_each(method, *args)
+        for result in results:
+            if not isinstance(result, BaseException):
+                return result
+        raise results[0]
+
+    async def call_each(self, method: str, *args) -> list:
+        """Every core's result of a named call (e.g. "snapshot"), or the exception it raised."""
+        return await self.client.call_each(method, *args)
+
+    def core_errors(self) -> list[BaseException | None]:
+        """Per engine core: None while it runs, else why it stopped."""
+        return self.client.core_errors()
 
     # ---- the output handler ------------------------------------------------------------------
     async def _handle_outputs(self) -> None:
@@ -139,9 +161,9 @@ class AsyncLLM:
                 if metrics is not None:
                     metrics.record_iteration(processed.stats)
                     if outputs.scheduler_stats is not None:
-                        metrics.record_scheduler(outputs.scheduler_stats)
+                        metrics.record_scheduler(outputs.scheduler_stats, outputs.engine_index)
                         if self.log_stats:
-                            metrics.maybe_log(outputs.scheduler_stats, LOG_INTERVAL_S)
+                            metrics.maybe_log(outputs.scheduler_stats, LOG_INTERVAL_S, outputs.engine_index)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - nothing can reach the core's outputs any more

@@ -83,14 +83,16 @@ class CoreAddresses:
 
 
 class CoreProcess:
-    """Starts `python -m pagedllm.engine.core_proc` for `num_clients` clients, and stops it."""
+    """Starts `python -m pagedllm.engine.core_proc` for `num_clients` clients, and stops it. With
+    data parallelism, core `core_index` sees only its own GPUs."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource, num_clients: int = 1) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, num_clients: int = 1, core_index: int = 0) -> None:
+        self.core_index = core_index
         self.ipc_dir = tempfile.mkdtemp(prefix="pagedllm-")
         self.input_address = f"ipc://{self.ipc_dir}/input"
         self.output_addresses = [f"ipc://{self.ipc_dir}/output-{i}" for i in range(num_clients)]
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, **NO_MULTICAST_ENV}
+        env = {**os.environ, **NO_MULTICAST_ENV, **core_device_env(config, core_index)}
         self.proc = subprocess.Popen([sys.executable, "-m", "pagedllm.engine.core_proc"], stdin=subprocess.PIPE,
                                      pass_fds=(write_fd,), env=env)
         os.close(write_fd)   # the core's process holds the only write end: it closes when the core exits
@@ -109,6 +111,17 @@ class CoreProcess:
     def addresses(self, client_index: int) -> CoreAddresses:
         return CoreAddresses(self.input_address, self.output_addresses[client_index], self.death_fd, client_index)
 
+    def is_running(self) -> bool:
+        return self.proc.poll() is None
+
+    def exit_status(self) -> str:
+        return f"code {self.proc.wait()}"
+
+    def request_stop(self) -> None:
+        """Tell the core to stop after its step, without waiting (stop() waits)."""
+        if self.proc.poll() is None:
+            request_shutdown(self.input_address)
+
     def stop(self, timeout: float = 30.0) -> int:
         """Tell the core to stop (it finishes nothing: stop taking requests first) and wait for
         it, killing it after `timeout` s; returns its exit code (idempotent)."""
@@ -122,6 +135,34 @@ class CoreProcess:
                 self.proc.wait()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
         return self.proc.returncode
+
+
+def start_cores(config: EngineConfig, source: ModelSource, num_clients: int = 1, backend: str = "mp") -> list:
+    """Start config.data_parallel_size engine cores (they load the model at the same time): local
+    processes (CoreProcess), or Ray actors anywhere in a Ray cluster (engine/ray_cores.py). Each
+    handle gives addresses(client), death_fd, is_running(), request_stop() and stop()."""
+    if backend == "ray":
+        from pagedllm.engine.ray_cores import start_ray_cores
+        return start_ray_cores(config, source, num_clients)
+    return [CoreProcess(config, source, num_clients, i) for i in range(config.data_parallel_size)]
+
+
+def stop_cores(cores: list, timeout: float = 30.0) -> list[int]:
+    """Stop several cores at once (each is told first, then each is waited for); their exit codes."""
+    for core in cores:
+        core.request_stop()
+    return [core.stop(timeout) for core in cores]
+
+
+def core_device_env(config: EngineConfig, core_index: int) -> dict[str, str]:
+    """The environment that gives data-parallel core `core_index` its own GPUs (tensor_parallel_size
+    of them, in order, of those this process sees)."""
+    if config.data_parallel_size == 1 or not config.device.startswith("cuda"):
+        return {}
+    tp = config.model.tensor_parallel_size
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(config.data_parallel_size * tp)]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids[core_index * tp:(core_index + 1) * tp])}
 
 
 def request_shutdown(input_address: str) -> None:
@@ -141,27 +182,42 @@ def _input_socket(context: zmq.Context, address: str) -> zmq.Socket:
 
 
 class SyncMPClient:
-    """Blocking calls to a core in its own process (for LLM with core_process=True)."""
+    """Blocking calls to a core in its own process (for LLM with core_process=True); wait_ready()
+    before anything else (several cores can start loading at once first)."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        self.process = CoreProcess(config, source)
-        addresses = self.process.addresses(0)
+    def __init__(self, process: CoreProcess) -> None:
+        self.process = process
+        addresses = process.addresses(0)
         self._context = zmq.Context()
         self._input = _input_socket(self._context, addresses.input_address)
         self._output = self._context.socket(zmq.PULL)
         self._output.connect(addresses.output_address)
         self._poller = zmq.Poller()
-        self._poller.register(self._output, zmq.POLLIN)
-        self._poller.register(addresses.death_fd, zmq.POLLIN)
+        self.register(self._poller)
         self._death_fd = addresses.death_fd
         self._ids = itertools.count(1)
         self._pending: deque[EngineCoreOutputs] = deque()
         self.closed = False
+        self.engine_info: dict | None = None
+
+    @classmethod
+    def start(cls, config: EngineConfig, source: ModelSource) -> "SyncMPClient":
+        client = cls(CoreProcess(config, source))
+        client.wait_ready()
+        return client
+
+    def wait_ready(self) -> None:
+        """Wait for the core's first message (it has loaded the model); shuts down on failure."""
         try:
             self.engine_info = self._receive().engine_info
         except BaseException:
-            self._close()
+            self.shutdown()
             raise
+
+    def register(self, poller: zmq.Poller) -> None:
+        """Watch this core's outputs and death pipe with `poller`."""
+        poller.register(self._output, zmq.POLLIN)
+        poller.register(self.process.death_fd, zmq.POLLIN)
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         self._input.send(serial.encode(AddRequests(requests)))
@@ -186,16 +242,26 @@ class SyncMPClient:
                     raise RuntimeError(f"engine core call {method} failed: {mine[0].error}")
                 return mine[0].result
 
+    def receive_nowait(self) -> EngineCoreOutputs | None:
+        """The next message if one is there (None if not); raises if the core is gone."""
+        if self._pending:
+            return self._pending.popleft()
+        return self._read(dict(self._poller.poll(0)))
+
     def _receive(self) -> EngineCoreOutputs:
-        while True:
-            ready = dict(self._poller.poll())
-            if self._output in ready:
-                message = serial.decode_outputs(self._output.recv(copy=False).buffer)
-                if message.dead is not None:
-                    raise core_error(message.dead)
-                return message
-            if self._death_fd in ready:
-                raise EngineDeadError(f"the engine core's process exited (code {self.process.proc.wait()})")
+        while (message := self._read(dict(self._poller.poll()))) is None:
+            pass
+        return message
+
+    def _read(self, ready: dict) -> EngineCoreOutputs | None:
+        if self._output in ready:
+            message = serial.decode_outputs(self._output.recv(copy=False).buffer)
+            if message.dead is not None:
+                raise core_error(message.dead)
+            return message
+        if self._death_fd in ready:
+            raise EngineDeadError(f"the engine core's process exited ({self.process.exit_status()})")
+        return None
 
     def shutdown(self) -> None:
         if not self.closed:
@@ -268,6 +334,13 @@ class AsyncMPClient:
                 else:
                     future.set_exception(RuntimeError(f"engine core call failed: {result.error}"))
         return message
+
+    async def call_each(self, method: str, *args) -> list:
+        """The one core's result (or the exception), as a list: the shape of DPAsyncClient's."""
+        return await asyncio.gather(self.call_utility(method, *args), return_exceptions=True)
+
+    def core_errors(self) -> list[BaseException | None]:
+        return [self.dead_error]
 
     async def call_utility(self, method: str, *args):
         if self.dead_error is not None:

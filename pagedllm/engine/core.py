@@ -45,6 +45,8 @@ class EngineCore:
             raise ValueError(f"the KV cache ({num_blocks} blocks) cannot hold one request of max_model_len "
                              f"{config.model.max_model_len}: lower max_model_len or give the cache more memory")
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        if config.data_parallel_size > 1 and config.cache.enable_prefix_caching:
+            self.kv_cache.pool.record_events()   # the front ends route by this core's cached blocks
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self._in_flight: tuple[SchedulerOutput, object] | None = None
         self.prompt_tokens = 0          # prompt tokens computed (a recompute counts again)
@@ -179,6 +181,10 @@ class EngineCore:
         if method not in UTILITY_METHODS:
             raise ValueError(f"unknown engine core call {method!r}")
         return getattr(self, method)(*args)
+
+    def take_block_events(self) -> tuple[list[bytes], list[bytes]]:
+        """Prefix-block hashes cached and evicted since the last call (recorded with data parallelism)."""
+        return self.kv_cache.pool.take_events()
 
     def make_stats(self) -> SchedulerStats:
         kv = self.kv_cache

@@ -141,20 +141,20 @@ class EngineCoreProc:
 
     def _publish(self, outputs: EngineCoreOutputs) -> None:
         stats = self._last_stats = self.core.make_stats()
-        if self.num_clients == 1:
-            outputs.scheduler_stats = stats
-            self._outputs.put((0, outputs))
-            return
-        for client, part in enumerate(self._split(outputs)):
-            part.scheduler_stats = stats
+        cached, evicted = self.core.take_block_events()
+        parts = [outputs] if self.num_clients == 1 else self._split(outputs)
+        for client, part in enumerate(parts):
+            part.scheduler_stats, part.blocks_cached, part.blocks_evicted = stats, cached, evicted
             self._outputs.put((client, part))
 
     def _publish_stats(self) -> None:
         stats = self.core.make_stats()
-        if stats != self._last_stats:
+        cached, evicted = self.core.take_block_events()
+        if stats != self._last_stats or cached or evicted:
             self._last_stats = stats
             for client in range(self.num_clients):
-                self._outputs.put((client, EngineCoreOutputs(scheduler_stats=stats, timestamp=time.monotonic())))
+                self._outputs.put((client, EngineCoreOutputs(scheduler_stats=stats, blocks_cached=cached,
+                                                             blocks_evicted=evicted, timestamp=time.monotonic())))
 
     def _split(self, outputs: EngineCoreOutputs) -> list[EngineCoreOutputs]:
         """Each client's share of a step's outputs."""

@@ -7,10 +7,12 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from pagedllm.config import GiB, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pagedllm.engine.router import ROUTING_POLICIES
 from pagedllm.models import loader
 
 logger = logging.getLogger(__name__)
 
+DP_BACKENDS = ("mp", "ray")
 DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
           "half": "float16"}
 
@@ -35,6 +37,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     tokenizer: str | None = None      # another tokenizer than the model's (folder, Hub id or .gguf)
     core_process: bool = False        # LLM only: the engine core in its own process (the server always is)
+    data_parallel_size: int = 1       # engine cores, each with the whole model (and its own GPUs)
+    data_parallel_backend: str = "mp"   # where they run: local processes ("mp") or Ray actors ("ray")
+    routing: str = "prefix"           # how a request's core is picked (engine/router.py)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
@@ -60,6 +65,15 @@ class EngineArgs:
         parser.add_argument("--enforce-eager", action="store_true")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                             help="split the model across this many GPUs (or CPU processes), one process each")
+        parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                            help="run this many engine cores, each with the whole model (and tensor-parallel-size "
+                                 "GPUs of its own), behind one front end")
+        parser.add_argument("--data-parallel-backend", default="mp", choices=DP_BACKENDS,
+                            help="mp: the cores are local processes; ray: Ray actors on any node of a running "
+                                 "Ray cluster (pip install 'pagedllm[ray]')")
+        parser.add_argument("--routing", default="prefix", choices=ROUTING_POLICIES,
+                            help="with several cores: prefer the core caching the longest prefix of the prompt "
+                                 "(unless much busier), or the least-loaded core, or each in turn")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--device", default=None)
 
@@ -116,16 +130,30 @@ class EngineArgs:
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=max_model_len, eos_token_ids=frozenset(eos_ids(hf_config)))
         return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, device=device,
-                            enforce_eager=self.enforce_eager, seed=self.seed), source
+                            enforce_eager=self.enforce_eager, seed=self.seed,
+                            data_parallel_size=self.data_parallel_size), source
 
     def _check_parallel(self, device: str) -> None:
-        tp = self.tensor_parallel_size
+        tp, dp = self.tensor_parallel_size, self.data_parallel_size
         _check(isinstance(tp, int) and tp >= 1, "tensor_parallel_size", f"must be an integer >= 1, got {tp!r}")
-        if tp > 1 and device.startswith("cuda"):
-            _check(device == "cuda", "tensor_parallel_size",
-                   f"> 1 uses GPUs 0..{tp - 1} (CUDA_VISIBLE_DEVICES picks them): give device 'cuda', not {device!r}")
-            _check(tp <= torch.cuda.device_count(), "tensor_parallel_size",
-                   f"{tp} needs {tp} GPUs, but {torch.cuda.device_count()} are visible")
+        _check(isinstance(dp, int) and dp >= 1, "data_parallel_size", f"must be an integer >= 1, got {dp!r}")
+        _check(self.data_parallel_backend in DP_BACKENDS, "data_parallel_backend",
+               f"must be one of {', '.join(DP_BACKENDS)}, got {self.data_parallel_backend!r}")
+        _check(self.routing in ROUTING_POLICIES, "routing",
+               f"must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
+        if dp > 1 and self.core_process:
+            raise ValueError("data_parallel_size > 1 always runs the engine cores in their own processes: "
+                             "leave core_process unset")
+        if self.data_parallel_backend == "ray" and dp > 1:
+            require_ray()
+        local_gpus = tp if self.data_parallel_backend == "ray" else tp * dp   # Ray places cores on any node
+        if local_gpus > 1 and device.startswith("cuda"):
+            name = "tensor_parallel_size" if dp == 1 else "data_parallel_size"
+            _check(device == "cuda", name, f"uses GPUs 0..{local_gpus - 1} (CUDA_VISIBLE_DEVICES picks them): "
+                                           f"give device 'cuda', not {device!r}")
+            _check(local_gpus <= torch.cuda.device_count(), name,
+                   f"{getattr(self, name)} needs {local_gpus} GPUs (one per rank of each core), but "
+                   f"{torch.cuda.device_count()} are visible")
 
     def _dtype(self, device: str) -> str:
         if self.dtype == "auto":
@@ -141,6 +169,15 @@ class EngineArgs:
         _check(1 <= self.max_model_len <= limit, "max_model_len",
                f"must be in [1, {limit}] (the model's max_position_embeddings), got {self.max_model_len}")
         return self.max_model_len
+
+
+def require_ray():
+    """The ray module, or a ValueError that says how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("data_parallel_backend 'ray' needs Ray: pip install 'pagedllm[ray]'") from None
+    return ray
 
 
 def eos_ids(hf_config) -> list[int]:

@@ -41,6 +41,7 @@ class BlockPool:
         self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[bytes, Block] = {}
         self.hashed = bytearray(num_blocks)   # 1 where the block holds a cached prefix (read by snapshots)
+        self.events: dict[bytes, bool] | None = None   # hash -> cached now? (since take_events), when recorded
 
     @property
     def num_free(self) -> int:
@@ -86,10 +87,14 @@ class BlockPool:
         block.token_ids = tuple(token_ids)
         self.cached[block_hash] = block
         self.hashed[block.block_id] = 1
+        if self.events is not None:
+            self.events[block_hash] = True
 
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:
             del self.cached[block.block_hash]
+            if self.events is not None:
+                self.events[block.block_hash] = False
             block.block_hash = None
             block.token_ids = None
             self.hashed[block.block_id] = 0
@@ -97,6 +102,20 @@ class BlockPool:
     def reset_prefix_cache(self) -> None:
         for block in self.free_queue.values():
             self._evict(block)
+
+    def take_events(self) -> tuple[list[bytes], list[bytes]]:
+        """The hashes cached and those evicted since the last call (each hash's last change only),
+        once record_events() has started recording."""
+        events = self.events
+        if not events:
+            return [], []
+        self.events = {}
+        return [h for h, cached in events.items() if cached], [h for h, cached in events.items() if not cached]
+
+    def record_events(self) -> None:
+        """Record which hashes are cached and evicted (front ends route requests by them)."""
+        if self.events is None:
+            self.events = {}
 
     def check_invariants(self) -> None:
         for block in self.blocks:

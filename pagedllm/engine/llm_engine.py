@@ -1,9 +1,11 @@
 """LLMEngine: the offline front end behind `LLM`: input processing, an engine core (in this process,
-or in its own with core_process=True), output processing. add_request / step / abort, as vLLM's.
+or in its own with core_process=True; several in their own, with data_parallel_size > 1), output
+processing. add_request / step / abort, as vLLM's.
 """
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.client import InprocClient, SyncMPClient
+from pagedllm.engine.client import InprocClient, SyncMPClient, start_cores
+from pagedllm.engine.dp_client import DPSyncClient
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.outputs import RequestOutput
@@ -11,7 +13,7 @@ from pagedllm.sampling_params import SamplingParams
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer, engine_core: InprocClient | SyncMPClient) -> None:
+    def __init__(self, config: EngineConfig, tokenizer, engine_core: InprocClient | SyncMPClient | DPSyncClient) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = config.model.hf_config.vocab_size
@@ -26,8 +28,13 @@ class LLMEngine:
         from pagedllm.models.loader import load_tokenizer
         config, source = args.create_config()
         tokenizer = load_tokenizer(source)
+        if config.data_parallel_size > 1:
+            from pagedllm.engine.router import Router
+            clients = [SyncMPClient(core) for core in start_cores(config, source, 1, args.data_parallel_backend)]
+            router = Router(config.data_parallel_size, config.cache.block_size, args.routing)
+            return cls(config, tokenizer, DPSyncClient(clients, router))
         if args.core_process:
-            return cls(config, tokenizer, SyncMPClient(config, source))
+            return cls(config, tokenizer, SyncMPClient.start(config, source))
         return cls(config, tokenizer, InprocClient(EngineCore.from_config(config, source)))
 
     def shutdown(self) -> None:
@@ -68,23 +75,35 @@ class LLMEngine:
             raise processed.failed[0][1]
         return processed.outputs
 
-    # ---- named calls to the engine core ----------------------------------------------------------
+    # ---- named calls to the engine core(s) ----------------------------------------------------------
+    def _call(self, method: str, *args) -> list:
+        """Every core's result (one core: a list of one)."""
+        results = self.engine_core.call_utility(method, *args)
+        return results if isinstance(self.engine_core, DPSyncClient) else [results]
+
     def get_stats(self) -> dict:
-        """The scheduler's counters and gauges (core_types.SchedulerStats, as a dict)."""
-        return self.engine_core.call_utility("get_stats")
+        """The scheduler's counters and gauges (core_types.SchedulerStats, as a dict), added up
+        over the cores (KV usage: their mean)."""
+        stats = self._call("get_stats")
+        total = {key: sum(s[key] for s in stats) for key in stats[0]}
+        total["kv_cache_usage"] /= len(stats)
+        return total
 
     def reset_prefix_cache(self) -> bool:
-        return self.engine_core.call_utility("reset_prefix_cache")
+        return all(self._call("reset_prefix_cache"))
 
     def model_info(self) -> dict:
-        return self.engine_core.call_utility("model_info")
+        return self._call("model_info")[0]
 
     def kv_cache_state(self) -> dict:
-        return self.engine_core.call_utility("kv_cache_state")
+        """The block pools' invariants checked, and their counts added up over the cores."""
+        states = self._call("kv_cache_state")
+        return {key: (any if isinstance(states[0][key], bool) else sum)(s[key] for s in states) for key in states[0]}
 
     def record_steps(self, on: bool) -> list:
-        """Start or stop logging step shapes; the steps logged since the last call (EngineCore)."""
-        return self.engine_core.call_utility("record_steps", on)
+        """Start or stop logging step shapes; the steps logged since the last call (EngineCore),
+        every core's."""
+        return [step for steps in self._call("record_steps", on) for step in steps]
 
     @property
     def model_runner(self):

@@ -6,12 +6,14 @@ finish reasons) come from the output processor's IterationStats, the scheduler's
 from the SchedulerStats the engine core sends with every step. With several API processes
 (`--api-server-count`), prometheus_client's multiprocess mode adds their counters and histograms
 up; the engine core's totals (prefix cache, preemptions) are counted by client 0 alone, and every
-process sets the same gauges.
+process sets the same gauges. What comes from an engine core (its gauges and totals) carries an
+`engine` label, the core's index, as vLLM's does: with data parallelism each core has its own series.
 """
 
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -39,19 +41,35 @@ def _token_buckets(max_model_len: int) -> list[float]:
         base *= 10
 
 
+@dataclass
+class _CoreSeries:
+    """One engine core's labelled metrics, and what of its totals has been counted and logged."""
+    children: dict
+    seen: dict = field(default_factory=lambda: dict.fromkeys(
+        ("queries", "hits", "preemptions", "structured", "compile", "mask"), 0))
+    logged: SchedulerStats | None = None
+    logged_at: float = field(default_factory=time.monotonic)
+
+    def advance(self, key: str, total: float) -> None:
+        delta = total - self.seen[key]
+        if delta > 0:
+            self.children[key].inc(delta)
+            self.seen[key] = total
+
+
 class EngineMetrics:
     def __init__(self, model_name: str, max_model_len: int = 4096, count_core_totals: bool = True) -> None:
         self.registry = CollectorRegistry()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.model_name = model_name
         self.count_core_totals = count_core_totals
-        r, label = self.registry, ["model_name"]
+        r, label, core_label = self.registry, ["model_name"], ["model_name", "engine"]
 
         def counter(name, doc, labels=label):
             return Counter(name, doc, labels, registry=r)
 
         def gauge(name, doc):
-            return Gauge(name, doc, label, registry=r, multiprocess_mode="mostrecent")
+            return Gauge(name, doc, core_label, registry=r, multiprocess_mode="mostrecent")
 
         def histogram(name, doc, buckets):
             return Histogram(name, doc, label, buckets=buckets, registry=r)
@@ -59,14 +77,14 @@ class EngineMetrics:
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
         self.prefix_cache_queries = counter("vllm:prefix_cache_queries",
-                                            "Prefix cache queries, in terms of number of queried tokens.")
+                                            "Prefix cache queries, in terms of number of queried tokens.", core_label)
         self.prefix_cache_hits = counter("vllm:prefix_cache_hits",
-                                         "Prefix cache hits, in terms of number of cached tokens.")
-        self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions.")
+                                         "Prefix cache hits, in terms of number of cached tokens.", core_label)
+        self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions.", core_label)
         self.structured_requests = counter("pagedllm:structured_output_requests",
-                                           "Sequences generated under a grammar (structured outputs, tool calls).")
-        self.grammar_compile = counter("pagedllm:grammar_compile_seconds", "Seconds spent compiling grammars.")
-        self.grammar_mask = counter("pagedllm:grammar_mask_seconds", "Seconds spent filling grammar token masks.")
+                                           "Sequences generated under a grammar (structured outputs, tool calls).", core_label)
+        self.grammar_compile = counter("pagedllm:grammar_compile_seconds", "Seconds spent compiling grammars.", core_label)
+        self.grammar_mask = counter("pagedllm:grammar_mask_seconds", "Seconds spent filling grammar token masks.", core_label)
         self.request_success = counter("vllm:request_success", "Count of successfully processed requests.",
                                        ["model_name", "finished_reason"])
         self.num_running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
@@ -88,17 +106,11 @@ class EngineMetrics:
         m = model_name
         self._children = {name: metric.labels(m) for name, metric in (
             ("prompt_tokens", self.prompt_tokens), ("generation_tokens", self.generation_tokens),
-            ("queries", self.prefix_cache_queries), ("hits", self.prefix_cache_hits),
-            ("preemptions", self.num_preemptions), ("structured", self.structured_requests),
-            ("compile", self.grammar_compile), ("mask", self.grammar_mask),
-            ("running", self.num_running), ("waiting", self.num_waiting),
-            ("kv_usage", self.kv_usage), ("ttft", self.ttft), ("itl", self.itl), ("e2e", self.e2e),
+            ("ttft", self.ttft), ("itl", self.itl), ("e2e", self.e2e),
             ("queue_time", self.queue_time), ("request_prompt_tokens", self.request_prompt_tokens),
             ("request_generation_tokens", self.request_generation_tokens))}
         self._success = {reason: self.request_success.labels(m, reason) for reason in ("stop", "length", "abort")}
-        self._seen = {"queries": 0, "hits": 0, "preemptions": 0, "structured": 0, "compile": 0.0, "mask": 0.0}
-        self._logged: SchedulerStats | None = None
-        self._logged_at = time.monotonic()
+        self._cores: dict[int, _CoreSeries] = {}
 
     # ---- fed by the API process's output handling -----------------------------------------------------
     def record_iteration(self, stats: IterationStats) -> None:
@@ -122,44 +134,50 @@ class EngineMetrics:
     def record_aborted(self) -> None:
         self._success["abort"].inc()
 
-    def record_scheduler(self, stats: SchedulerStats) -> None:
-        c = self._children
+    def record_scheduler(self, stats: SchedulerStats, engine: int = 0) -> None:
+        series = self._core(engine)
+        c = series.children
         c["running"].set(stats.num_running)
         c["waiting"].set(stats.num_waiting)
         c["kv_usage"].set(stats.kv_cache_usage)
         if self.count_core_totals:
-            self._advance("queries", stats.prefix_cache_queries)
-            self._advance("hits", stats.prefix_cache_hits)
-            self._advance("preemptions", stats.num_preemptions)
-            self._advance("structured", stats.structured_requests)
-            self._advance("compile", stats.grammar_compile_time)
-            self._advance("mask", stats.grammar_mask_time)
+            series.advance("queries", stats.prefix_cache_queries)
+            series.advance("hits", stats.prefix_cache_hits)
+            series.advance("preemptions", stats.num_preemptions)
+            series.advance("structured", stats.structured_requests)
+            series.advance("compile", stats.grammar_compile_time)
+            series.advance("mask", stats.grammar_mask_time)
 
-    def _advance(self, key: str, total: float) -> None:
-        delta = total - self._seen[key]
-        if delta > 0:
-            self._children[key].inc(delta)
-            self._seen[key] = total
+    def _core(self, engine: int) -> "_CoreSeries":
+        series = self._cores.get(engine)
+        if series is None:
+            series = self._cores[engine] = _CoreSeries({name: metric.labels(self.model_name, str(engine)) for name, metric in (
+                ("queries", self.prefix_cache_queries), ("hits", self.prefix_cache_hits),
+                ("preemptions", self.num_preemptions), ("structured", self.structured_requests),
+                ("compile", self.grammar_compile), ("mask", self.grammar_mask),
+                ("running", self.num_running), ("waiting", self.num_waiting), ("kv_usage", self.kv_usage))})
+        return series
 
-    def maybe_log(self, stats: SchedulerStats, interval: float) -> None:
-        """The periodic log line, at most every `interval` seconds, over busy time only."""
+    def maybe_log(self, stats: SchedulerStats, interval: float, engine: int = 0) -> None:
+        """The periodic log line of one core, at most every `interval` seconds, over busy time only."""
+        series = self._core(engine)
         now = time.monotonic()
-        before = self._logged
+        before = series.logged
         if before is None or (stats.num_running == 0 and stats.num_waiting == 0
                               and stats.generation_tokens == before.generation_tokens):
-            self._logged, self._logged_at = stats, now    # idle: the next busy period starts here
+            series.logged, series.logged_at = stats, now    # idle: the next busy period starts here
             return
-        seconds = now - self._logged_at
+        seconds = now - series.logged_at
         if seconds < interval:
             return
         queries = stats.prefix_cache_queries
-        logger.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
+        logger.info("Engine %03d: Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
                     "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
-                    (stats.prompt_tokens_computed - before.prompt_tokens_computed) / seconds,
+                    engine, (stats.prompt_tokens_computed - before.prompt_tokens_computed) / seconds,
                     (stats.generation_tokens - before.generation_tokens) / seconds,
                     stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage,
                     100 * stats.prefix_cache_hits / queries if queries else 0.0)
-        self._logged, self._logged_at = stats, now
+        series.logged, series.logged_at = stats, now
 
     # ---- called by /metrics ----------------------------------------------------------------------
     def render(self) -> bytes:

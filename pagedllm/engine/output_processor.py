@@ -159,6 +159,10 @@ class OutputProcessor:
         sequences = self._sequences
         if outputs.prompt_logprobs:
             self._add_prompt_logprobs(outputs.prompt_logprobs)
+        for seq_id, reason in outputs.errors.items():   # sequences the core gave up on (or lost)
+            owner = sequences.get(seq_id)
+            if owner is not None:
+                self._fail(owner[0], RequestFailedError(f"request {owner[0].request_id} failed: {reason}"), result)
         touched: dict[str, RequestState] = {}
         finished, logprobs, first = outputs.finished, outputs.logprobs, outputs.num_cached_tokens
         for seq_id, token in zip(outputs.request_ids, outputs.new_token_ids):
@@ -169,7 +173,7 @@ class OutputProcessor:
             try:
                 stop = self._add_token(seq, token, logprobs.get(seq_id) if seq.logprobs is not None else None)
             except Exception as exc:  # noqa: BLE001 - e.g. a failing detokenization: this request fails alone
-                self._fail(state, exc, result)
+                self._fail_in_processing(state, exc, result)
                 touched.pop(state.request_id, None)
                 continue
             stats.num_generation_tokens += 1
@@ -221,7 +225,7 @@ class OutputProcessor:
         try:
             output = self._make_output(state, now)
         except Exception as exc:  # noqa: BLE001
-            self._fail(state, exc, result)
+            self._fail_in_processing(state, exc, result)
             return
         if output is not None:
             if state.collector is not None:
@@ -234,16 +238,19 @@ class OutputProcessor:
                 [s.finish_reason for s in state.sequences], now - state.arrival_time, len(state.prompt_token_ids),
                 sum(len(s.token_ids) for s in state.sequences)))
 
-    def _fail(self, state: RequestState, exc: BaseException, result: ProcessedOutputs) -> None:
-        """Output processing raised for one request: it ends with an error and leaves the core."""
-        logger.exception("request %s failed while processing its output; aborting it", state.request_id)
+    def _fail(self, state: RequestState, error: BaseException, result: ProcessedOutputs) -> None:
+        """The request ends with `error`; its sequences still running leave the core."""
         self.requests.pop(state.request_id, None)
         result.to_abort.extend(self._forget(state))
-        error = RequestFailedError(f"request {state.request_id} failed in output processing: {exc!r}")
         if state.collector is not None:
             state.collector.put(error)
         else:
             result.failed.append((state.request_id, error))
+
+    def _fail_in_processing(self, state: RequestState, exc: BaseException, result: ProcessedOutputs) -> None:
+        logger.exception("request %s failed while processing its output; aborting it", state.request_id)
+        self._fail(state, RequestFailedError(f"request {state.request_id} failed in output processing: {exc!r}"),
+                   result)
 
     # ---- RequestOutput ------------------------------------------------------------------------
     def _make_output(self, state: RequestState, now: float) -> RequestOutput | None:

@@ -81,9 +81,16 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, max
 
     @app.get("/health")
     async def health():
+        """200 while the engine serves (with a lost core among several: 200, naming it); 503 once
+        no core is left."""
         if not engine.is_healthy:
             return error_response(503, f"the engine core is not running: {engine.dead_error}",
                                   "ServiceUnavailableError")
+        errors = engine.core_errors()
+        if any(error is not None for error in errors):
+            return json_response({"status": "degraded", "engines": [
+                {"index": i, "running": error is None, **({"error": str(error)} if error else {})}
+                for i, error in enumerate(errors)]})
         return Response(status_code=200)
 
     @app.post("/reset_prefix_cache")

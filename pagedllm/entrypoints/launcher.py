@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.client import CoreAddresses, CoreProcess
+from pagedllm.engine.client import CoreAddresses, start_cores, stop_cores
 from pagedllm.engine.engine_args import EngineArgs
 from pagedllm.models.loader import ModelSource
 
@@ -71,7 +71,7 @@ class APIServerArgs:
     config: EngineConfig
     source: ModelSource
     model_name: str
-    addresses: CoreAddresses
+    addresses: list[CoreAddresses]    # one per engine core (data parallelism)
     num_api_servers: int
 
 
@@ -94,28 +94,28 @@ def run_server(args) -> None:
     if count < 1:
         raise ValueError(f"api_server_count must be >= 1, got {count}")
     if count == 1:
-        core = CoreProcess(config, source, 1)
-        code = serve_api(APIServerArgs(args, config, source, name, core.addresses(0), 1), core)
+        cores = start_cores(config, source, 1, args.data_parallel_backend)
+        code = serve_api(APIServerArgs(args, config, source, name, [c.addresses(0) for c in cores], 1), cores)
     else:
         code = _run_api_servers(args, config, source, name, count)
     if code:
         sys.exit(code)
 
 
-def serve_api(a: APIServerArgs, core: CoreProcess | None = None, signals=(signal.SIGINT, signal.SIGTERM)) -> int:
-    """One API process: build the front end and the app, run uvicorn; returns the exit code. With
-    `core` (this process started it), the core is stopped afterwards."""
+def serve_api(a: APIServerArgs, cores: list | None = None, signals=(signal.SIGINT, signal.SIGTERM)) -> int:
+    """One API process: build the front end and the app, run uvicorn; returns the exit code (1 if
+    an engine core was lost). With `cores` (this process started them), they are stopped afterwards."""
     from pagedllm.engine.async_llm import AsyncLLM
     from pagedllm.engine.metrics import EngineMetrics
     from pagedllm.entrypoints.app import build_app
     from pagedllm.entrypoints.limits import ServerLimits
     from pagedllm.models.loader import load_tokenizer
     args = a.args
+    client_index = a.addresses[0].client_index
     try:
-        metrics = EngineMetrics(a.model_name, a.config.model.max_model_len,
-                                count_core_totals=a.addresses.client_index == 0)
+        metrics = EngineMetrics(a.model_name, a.config.model.max_model_len, count_core_totals=client_index == 0)
         engine = AsyncLLM(a.config, load_tokenizer(a.source), a.addresses, metrics, args.stream_interval,
-                          args.max_waiting_requests, a.num_api_servers)
+                          args.max_waiting_requests, a.num_api_servers, args.routing)
         limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_n=args.max_n)
         app = build_app(engine, a.model_name, args.api_key, args.max_logprobs, metrics, limits,
                         on_shutdown=engine.shutdown, auto_tools=args.enable_auto_tool_choice)
@@ -129,43 +129,47 @@ def serve_api(a: APIServerArgs, core: CoreProcess | None = None, signals=(signal
         server = _Server(config, signals)
         engine.on_dead = lambda: asyncio.get_running_loop().call_later(
             DEAD_EXIT_DELAY_S, setattr, server, "should_exit", True)
-        if a.addresses.client_index == 0:
-            logger.info("serving %s on http://%s:%d/v1 (%d API process%s)", a.model_name, args.host, args.port,
-                        a.num_api_servers, "es" if a.num_api_servers > 1 else "")
+        if client_index == 0:
+            logger.info("serving %s on http://%s:%d/v1 (%d API process%s, %d engine core%s)", a.model_name,
+                        args.host, args.port, a.num_api_servers, "es" if a.num_api_servers > 1 else "",
+                        len(a.addresses), "s" if len(a.addresses) > 1 else "")
         server.run(sockets=sockets)
     finally:
-        if core is not None:
-            core.stop()
+        if cores is not None:
+            stop_cores(cores)
     if isinstance(engine.startup_error, ValueError):
         raise engine.startup_error     # a configuration the core refused: `error: ...`, exit 2
-    return 1 if engine.dead_error is not None or not server.started else 0
+    lost = any(error is not None for error in engine.core_errors())
+    return 1 if lost or not server.started else 0
 
 
 def _run_api_servers(args, config: EngineConfig, source: ModelSource, name: str, count: int) -> int:
     """The launcher of N API processes sharing one port and one engine core."""
     metrics_dir = tempfile.mkdtemp(prefix="pagedllm-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
-    core = CoreProcess(config, source, count)
-    os.set_inheritable(core.death_fd, True)
+    cores = start_cores(config, source, count, args.data_parallel_backend)
+    for core in cores:
+        os.set_inheritable(core.death_fd, True)
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})   # picklable
     children = []
     for i in range(count):
         child = subprocess.Popen([sys.executable, "-m", "pagedllm.entrypoints.launcher"], stdin=subprocess.PIPE,
-                                 pass_fds=(core.death_fd,), env=env)
-        child.stdin.write(pickle.dumps(APIServerArgs(options, config, source, name, core.addresses(i), count)))
+                                 pass_fds=tuple(core.death_fd for core in cores), env=env)
+        addresses = [core.addresses(i) for core in cores]
+        child.stdin.write(pickle.dumps(APIServerArgs(options, config, source, name, addresses, count)))
         child.stdin.close()
         children.append(child)
     try:
-        return _supervise(children, core)
+        return _supervise(children, cores)
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
-        core.stop()
+        stop_cores(cores)
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _supervise(children: list[subprocess.Popen], core: CoreProcess) -> int:
+def _supervise(children: list[subprocess.Popen], cores: list) -> int:
     """Forward SIGTERM/SIGINT to the API processes as SIGTERM (they drain), and stop everything
     if one of them exits on its own."""
     stopping = []
@@ -181,7 +185,7 @@ def _supervise(children: list[subprocess.Popen], core: CoreProcess) -> int:
         while True:
             codes = [child.poll() for child in children]
             if all(code is not None for code in codes):
-                return 0 if stopping and not any(codes) and core.proc.poll() is None else 1
+                return 0 if stopping and not any(codes) and all(core.is_running() for core in cores) else 1
             if not stopping and any(code is not None for code in codes):
                 logger.error("an API process exited (codes %s): stopping the server", codes)
                 forward(signal.SIGTERM, None)
@@ -194,7 +198,7 @@ def _supervise(children: list[subprocess.Popen], core: CoreProcess) -> int:
 
 def _api_server_main(a: APIServerArgs) -> int:
     logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s %(levelname)s [api {a.addresses.client_index}] %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s [api {a.addresses[0].client_index}] %(name)s: %(message)s")
     from pagedllm.processes import exit_with_parent, ignore_ctrl_c
     ignore_ctrl_c()          # the launcher forwards Ctrl-C as SIGTERM
     exit_with_parent(os.getppid())

@@ -14,6 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.client import EngineDeadError
+from pagedllm.engine.output_processor import RequestFailedError
 from pagedllm.entrypoints.errors import APIError, bad_request
 from pagedllm.entrypoints.limits import ServerLimits
 from pagedllm.entrypoints.protocol import error_body
@@ -110,7 +111,7 @@ async def merged_outputs(engine: AsyncLLM, added: list[tuple[str, object]]) -> A
 
 async def until_done_or_disconnect(work, raw: Request):
     """Run a non-streaming request's work; None (its requests aborted) if the client left first. A
-    dead engine core while waiting is a 500."""
+    dead engine core (or a core's failure of the request) while waiting is a 500."""
     async def disconnected():
         while (await raw.receive()).get("type") != "http.disconnect":
             pass
@@ -132,5 +133,5 @@ async def until_done_or_disconnect(work, raw: Request):
         return None
     try:
         return task.result()
-    except EngineDeadError as exc:
+    except (EngineDeadError, RequestFailedError) as exc:   # the core (or one of several) failed it
         raise APIError(500, str(exc), "InternalServerError") from None

@@ -1,0 +1,122 @@
+"""`pagedllm bench data-parallel`: what several engine cores behind one server give, in one command
+on one host.
+
+Three servers, one after the other, with the same engine flags: one core; --data-parallel-size N
+with prefix routing; N with round-robin routing. Each gets, all at once and streamed (the aiohttp
+client in --client-processes processes):
+  nano     the offline nano workload's 256 requests;
+  tenants  a multi-tenant shared-prefix workload: --num-tenants system prompts of --prefix-len
+           tokens, --per-tenant requests each with --unique-len tokens of their own and
+           --output-len output tokens, in a shuffled order (in system-prompt order, round-robin
+           over N cores would keep each prompt on one core by accident).
+The prefix cache is reset before each run; the hit rate is the servers' own
+vllm:prefix_cache_hits / queries over the run (all cores added up).
+"""
+
+import argparse
+import random
+import re
+import urllib.request
+
+from pagedllm.bench import results as res
+from pagedllm.bench.serve import ClientConfig, benchmark, served_model
+from pagedllm.bench.serve_vs_offline import post, start_server, stop_server
+from pagedllm.bench.workloads import BenchRequest, nano_requests, prefix_requests
+
+
+def _tenant_requests(args, vocab: int) -> list[BenchRequest]:
+    requests = prefix_requests(vocab, num_prefixes=args.num_tenants, prefix_len=args.prefix_len,
+                               unique_len=args.unique_len, per_prefix=args.per_tenant, output_len=args.output_len,
+                               seed=1)
+    random.Random(2).shuffle(requests)
+    return requests
+
+
+def _prefix_counts(url: str) -> tuple[float, float]:
+    """(prefix_cache_hits, prefix_cache_queries) from /metrics, every core's added up."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    total = {}
+    for name in ("hits", "queries"):
+        pattern = rf"^vllm:prefix_cache_{name}_total\{{[^}}]*\}} (\S+)$"
+        total[name] = sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+    return total["hits"], total["queries"]
+
+
+def _serve_runs(args, workloads: dict, dp: int, routing: str) -> dict:
+    from pagedllm.distributed.parallel_state import free_port
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args, args.api_server_count, port, data_parallel_size=dp, routing=routing)
+    runs = {}
+    try:
+        cfg = ClientConfig(url + "/v1", served_model(url + "/v1", None), None, True, args.temperature, True,
+                           args.timeout)
+        benchmark(cfg, workloads["nano"][:2 * dp])   # warm-up
+        for name, requests in workloads.items():
+            post(url + "/reset_prefix_cache")
+            hits, queries = _prefix_counts(url)
+            runs[name] = benchmark(cfg, requests, args.client_processes)
+            hits_after, queries_after = _prefix_counts(url)
+            runs[name]["hit_rate"] = (hits_after - hits) / max(1.0, queries_after - queries)
+            print(f"dp={dp} routing={routing} {name}: {runs[name]['output_throughput']:,.0f} tok/s, "
+                  f"hit rate {runs[name]['hit_rate']:.3f}, failed {runs[name]['failed']}", flush=True)
+    finally:
+        runs["server_exit_code"] = stop_server(proc)
+    return runs
+
+
+def cmd_data_parallel(args: argparse.Namespace) -> None:
+    from pagedllm.engine.engine_args import EngineArgs
+    dp = args.data_parallel_size
+    if dp < 2:
+        raise ValueError("data_parallel_size must be >= 2 (the comparison is against one core)")
+    vocab = EngineArgs.from_cli_args(args, data_parallel_size=1).create_config()[0].model.hf_config.vocab_size
+    lo, hi = args.nano_len_range
+    workloads = {"nano": nano_requests(vocab, num=args.num_prompts, min_len=lo, max_len=hi),
+                 "tenants": _tenant_requests(args, vocab)}
+    servers = {"1 core": _serve_runs(args, workloads, 1, "prefix"),
+               f"{dp} cores, prefix": _serve_runs(args, workloads, dp, "prefix"),
+               f"{dp} cores, round-robin": _serve_runs(args, workloads, dp, "round-robin")}
+    base = servers["1 core"]
+    rows = []
+    for server, runs in servers.items():
+        for name in workloads:
+            run = runs[name]
+            run["speedup_vs_one_core"] = run["output_throughput"] / base[name]["output_throughput"]
+            rows.append({"server": server, "workload": name, "output_tokens_per_s": run["output_throughput"],
+                         "speedup_vs_one_core": run["speedup_vs_one_core"], "hit_rate": run["hit_rate"],
+                         "p50_ttft_ms": run["p50_ttft_ms"], "failed": run["failed"],
+                         "client_cpu_fraction": run.get("client_cpu_fraction")})
+    result = {**res.environment(), "benchmark": "data_parallel", "model": args.model, "dtype": args.dtype,
+              "data_parallel_size": dp, "api_server_count": args.api_server_count,
+              "workloads": {"nano": {"num_prompts": args.num_prompts, "len_range": [lo, hi],
+                                     "temperature": args.temperature},
+                            "tenants": {"num_tenants": args.num_tenants, "prefix_len": args.prefix_len,
+                                        "unique_len": args.unique_len, "per_tenant": args.per_tenant,
+                                        "output_len": args.output_len}},
+              "servers": servers}
+    table = res.markdown_table(rows, ["server", "workload", "output_tokens_per_s", "speedup_vs_one_core", "hit_rate",
+                                      "p50_ttft_ms", "failed", "client_cpu_fraction"])
+    res.save(result, args.output, table)
+
+
+def add_parser(bench) -> None:
+    from pagedllm.engine.engine_args import EngineArgs
+    p = bench.add_parser("data-parallel", help="one engine core against N behind one server (prefix and "
+                                               "round-robin routing), on nano and a multi-tenant prefix workload")
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(data_parallel_size=2, max_model_len=4096)
+    p.add_argument("--api-server-count", type=int, default=1)
+    p.add_argument("--client-processes", type=int, default=4)
+    p.add_argument("--num-prompts", type=int, default=256, help="nano requests")
+    p.add_argument("--nano-len-range", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--num-tenants", type=int, default=16)
+    p.add_argument("--prefix-len", type=int, default=1024)
+    p.add_argument("--unique-len", type=int, default=128)
+    p.add_argument("--per-tenant", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--server-timeout", type=float, default=600.0, help="seconds for a server to start")
+    p.add_argument("--output", default=None, help="path stem for the .json and .md results")
+    p.set_defaults(func=cmd_data_parallel)

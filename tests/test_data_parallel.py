@@ -1,0 +1,115 @@
+"""Data parallelism with local processes: two engine cores behind one front end.
+
+Offline (LLM(data_parallel_size=2)): greedy output equals one core's, and on 8 system prompts x 12
+requests sent at once, prefix routing keeps the single engine's prefix-cache hit rate while
+round-robin loses some. Served (`pagedllm serve -dp 2`): both cores have their own metrics series;
+kill -9 of one core fails only its requests, /health names it, the other core still answers, and
+SIGTERM leaves nothing behind."""
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from server_fixtures import cmdline, descendants, start_server, wait_gone
+
+try:
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+VOCAB = 49152
+GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+def _tenant_prompts(seed: int = 0) -> list[list[int]]:
+    """8 system prompts of 128 tokens, 12 requests each with 16 tokens of their own, shuffled."""
+    rng = random.Random(seed)
+    systems = [[rng.randrange(1000, VOCAB) for _ in range(128)] for _ in range(8)]
+    prompts = [system + [rng.randrange(1000, VOCAB) for _ in range(16)] for system in systems for _ in range(12)]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def _hit_rate(llm: LLM, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+    """Every prompt at once; the prefix-cache hit rate over them and the greedy outputs."""
+    engine = llm.llm_engine
+    engine.reset_prefix_cache()
+    before = engine.get_stats()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    after = engine.get_stats()
+    hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    return hits / (after["prefix_cache_queries"] - before["prefix_cache_queries"]), [
+        o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.slow
+def test_prefix_routing_keeps_the_hit_rate_and_greedy_output(smollm):
+    prompts = _tenant_prompts()
+    single, expected = _hit_rate(smollm, prompts)
+    rates = {}
+    for routing in ("prefix", "round-robin"):
+        with LLM(data_parallel_size=2, routing=routing, max_model_len=1024, kv_cache_memory=128 << 20) as llm:
+            rates[routing], outputs = _hit_rate(llm, prompts)
+            assert outputs == expected, f"{routing}: greedy output differs from one engine's"
+            kv = llm.llm_engine.kv_cache_state()
+            assert kv["num_free_blocks"] == kv["num_blocks"] and kv["num_unfinished"] == 0
+    print(f"hit rates: one engine {single:.3f}, prefix {rates['prefix']:.3f}, round-robin {rates['round-robin']:.3f}")
+    assert rates["prefix"] >= single - 0.05
+    assert rates["round-robin"] < rates["prefix"] - 0.03
+
+
+def _stream(url: str, out: list, index: int) -> None:
+    """One long streamed completion; out[index] = (tokens it reported, the error event or None)."""
+    tokens, error = 0, None
+    with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+            "prompt": "Count with me:", "max_tokens": 120, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = line
+                elif event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    out[index] = (tokens, error)
+
+
+@pytest.mark.slow
+def test_a_killed_core_fails_only_its_requests():
+    proc, url, lines = start_server(["--max-model-len", "512", "--kv-cache-memory", str(32 << 20), "-dp", "2"])
+    family = descendants(proc.pid)
+    cores = [p for p in family if "pagedllm.engine.core_proc" in cmdline(p)]
+    try:
+        assert len(cores) == 2
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        for engine in "01":
+            assert f'vllm:num_requests_running{{engine="{engine}",model_name="smollm2"}}' in metrics
+        results = [None] * 4
+        streams = [threading.Thread(target=_stream, args=(url, results, i)) for i in range(4)]
+        for t in streams:
+            t.start()
+        time.sleep(3)    # every stream is running: two on each core (the least-loaded core in turn)
+        os.kill(cores[0], signal.SIGKILL)
+        for t in streams:
+            t.join(120)
+        failed = [r for r in results if r[1] is not None]
+        assert len(failed) == 2 and all("engine core" in r[1] for r in failed), results
+        assert all(r[0] == 120 for r in results if r[1] is None), results
+        health = httpx.get(url + "/health", timeout=10)
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert sorted(e["running"] for e in health.json()["engines"]) == [False, True]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 1, "".join(lines[-30:])     # a core was lost: a supervisor should know
+    wait_gone(family)

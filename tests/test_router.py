@@ -1,0 +1,95 @@
+"""Data-parallel routing, as plain bookkeeping: the block-hash events a KV cache reports, and the
+router's choices (prefix affinity, the load guard, least-loaded, round-robin, a lost core)."""
+
+import pytest
+
+from pagedllm.engine.kv_cache import BlockPool, KVCacheManager
+from pagedllm.engine.request import Request
+from pagedllm.engine.router import BALANCE_ABS, Router, prompt_block_hashes
+from pagedllm.sampling_params import SamplingParams
+
+BS = 4
+
+
+def test_pool_reports_the_last_change_of_each_hash():
+    pool = BlockPool(2)
+    a, b = pool.allocate(2)
+    assert pool.take_events() == ([], [])          # nothing is recorded until asked
+    pool.record_events()
+    pool.register(a, b"h-a", [1])
+    pool.register(b, b"h-b", [2])
+    pool.release([a, b])
+    pool.allocate(1)                                # evicts a (least recently freed)
+    assert pool.take_events() == ([b"h-b"], [b"h-a"])   # a's last change: evicted
+    pool.reset_prefix_cache()
+    assert pool.take_events() == ([], [b"h-b"])
+    assert pool.take_events() == ([], [])
+
+
+def test_manager_hashes_are_the_routers():
+    """What a core reports is what the router computes from the prompt: the same chained hashes."""
+    kv = KVCacheManager(8, BS)
+    kv.pool.record_events()
+    prompt = list(range(11))
+    request = Request("r", prompt, SamplingParams(), max_tokens=4)
+    assert kv.allocate_slots(request, len(prompt), kv.find_cached_prefix(request))
+    cached, _ = kv.pool.take_events()
+    assert set(cached) == set(prompt_block_hashes(prompt, BS)) and len(cached) == 2
+
+
+def _router(policy="prefix", cores=2) -> Router:
+    return Router(cores, BS, policy)
+
+
+def test_prefix_affinity_follows_reported_and_pending_blocks():
+    router = _router()
+    shared = list(range(100, 112))
+    first = router.route(["a"], shared + [1, 2])
+    assert router.route(["b"], shared + [3, 4]) == first            # pending: the first is computing it
+    other = router.route(["c"], list(range(200, 214)))
+    assert other != first                                              # no match: the least-loaded core
+    for s in "ab":
+        router.finish(s)
+    assert router.pending[first] == {}
+    router.observe(first, prompt_block_hashes(shared + [0], BS), [], 0.1)
+    assert router.route(["d"], shared + [5, 6]) == first              # reported by the core
+    router.observe(first, [], prompt_block_hashes(shared + [0], BS), None)
+    router.finish("d")
+    assert router.matched_blocks(first, prompt_block_hashes(shared + [0], BS)) == 0
+
+
+def test_affinity_yields_to_a_much_less_loaded_core():
+    router = _router()
+    shared = list(range(50, 70))
+    hot = router.route(["s0"], shared)
+    for i in range(1, BALANCE_ABS + 1):
+        assert router.route([f"s{i}"], shared) == hot
+    assert router.route(["over"], shared) != hot        # BALANCE_ABS + 1 more than the idle core
+    assert router.load == [BALANCE_ABS + 1, 1] if hot == 0 else [1, BALANCE_ABS + 1]
+
+
+def test_n_sequences_go_together_and_count_as_load():
+    router = _router("least-loaded")
+    core = router.route(["r-0", "r-1", "r-2"], [1, 2, 3])
+    assert router.load[core] == 3 and {router.core_of(f"r-{i}") for i in range(3)} == {core}
+    assert router.route(["x"], [1, 2, 3]) != core
+    router.finish("r-0")
+    router.finish("r-0")                                # idempotent
+    assert router.load[core] == 2
+
+
+def test_round_robin_and_a_lost_core():
+    router = _router("round-robin", cores=3)
+    assert [router.route([str(i)], [i]) for i in range(4)] == [0, 1, 2, 0]
+    assert sorted(router.lose(0)) == ["0", "3"]
+    assert router.load[0] == 0 and router.core_of("3") is None
+    assert {router.route([f"n{i}"], [i]) for i in range(4)} == {1, 2}
+    router.lose(1)
+    router.lose(2)
+    with pytest.raises(RuntimeError, match="no engine core"):
+        router.route(["z"], [1])
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="routing must be one of prefix, least-loaded, round-robin"):
+        Router(2, BS, "random")
