@@ -1,6 +1,7 @@
 """The live dashboard (issue 7): the engine-side snapshot, the read-only endpoints, and the page end to
 end in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium) against the
-session's `pagedllm serve`."""
+session's `pagedllm serve`; with several engine cores (data parallelism), against the dashboard routes
+on a fake engine that answers with real snapshots of small in-process engine cores."""
 
 import os
 import shutil
@@ -8,7 +9,8 @@ import threading
 import time
 
 import pytest
-from server_fixtures import server  # noqa: F401 - session fixture (one process for the whole suite)
+from engine_fakes import InstantExecutor, dummy_config
+from server_fixtures import free_port, server  # noqa: F401 - session fixture (one process for the whole suite)
 
 try:
     import httpx2 as httpx
@@ -16,10 +18,14 @@ except ImportError:  # pragma: no cover
     import httpx
 
 from pagedllm.config import SchedulerConfig
+from pagedllm.core_types import EngineCoreRequest
+from pagedllm.engine.client import EngineDeadError
+from pagedllm.engine.core import EngineCore
 from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.snapshot import FIRST_COLOUR, NUM_COLOURS, ColourBook, block_states
+from pagedllm.entrypoints.dashboard import add_dashboard_routes, engines_state
 from pagedllm.sampling_params import SamplingParams
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -114,6 +120,100 @@ def test_dashboard_endpoints_are_open_and_bounded(server):  # noqa: F811
             "kv_usage"} <= set(snap["counters"])
     assert len(r.content) < 64 << 10
     assert httpx.post(server.url + "/dashboard/state", timeout=30).status_code in (404, 405)
+    [engine] = snap["engines"]                                     # one core: the top level, once more
+    assert engine["index"] == 0 and engine["alive"] is True and "error" not in engine
+    assert engine["kv"] == kv and engine["blocks"]["num_blocks"] == blocks["num_blocks"]
+    assert set(engine) == set(snap) - {"engines", "server"} | {"index", "alive"}
+
+
+# ---- several engine cores, on a fake engine ------------------------------------------------------------
+LOST = "the engine core's process exited"
+
+
+@pytest.fixture(scope="module")
+def core_snapshots() -> list[dict]:
+    """Real snapshots of two small engine cores (no model): the first runs three requests, the second
+    has a smaller pool and is idle."""
+    cores = [EngineCore(dummy_config(), InstantExecutor(num_blocks=n)) for n in (256, 128)]
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    cores[0].add_requests([EngineCoreRequest(f"r{i}", list(range(100 * i, 100 * i + 40)), params, time.monotonic())
+                           for i in range(3)])
+    for _ in range(4):
+        cores[0].step()
+    snaps = [core.snapshot() for core in cores]
+    for core in cores:
+        core.shutdown()
+    return snaps
+
+
+class FakeEngine:
+    """What the dashboard routes use of AsyncLLM, answering with canned per-core snapshots."""
+    is_healthy = True
+
+    def __init__(self, snapshots: list[dict]) -> None:
+        self.set(snapshots)
+
+    def set(self, snapshots: list[dict]) -> None:
+        self.results, self.errors = list(snapshots), [None] * len(snapshots)
+
+    def lose(self, index: int) -> None:
+        self.results[index] = self.errors[index] = EngineDeadError(LOST)
+
+    async def call_each(self, method: str) -> list:
+        assert method == "snapshot"
+        return list(self.results)
+
+    async def call_utility(self, method: str):
+        return next(r for r in self.results if isinstance(r, dict))
+
+    def core_errors(self) -> list:
+        return list(self.errors)
+
+
+@pytest.fixture()
+def fake_server(core_snapshots):
+    """The dashboard routes on a FakeEngine, served by uvicorn in a thread: (url, engine)."""
+    import uvicorn
+    from fastapi import FastAPI
+    engine = FakeEngine(core_snapshots)
+    app = FastAPI()
+    add_dashboard_routes(app, engine, "fake-model", api_key_required=False)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    _wait(lambda: uv.started, 20, "the fake server to start")
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+def test_state_lists_every_engine_core(fake_server, core_snapshots):
+    url, engine = fake_server
+    snap = httpx.get(url + "/dashboard/state", timeout=30).json()
+    assert [(e["index"], e["alive"]) for e in snap["engines"]] == [(0, True), (1, True)]
+    for entry, expected in zip(snap["engines"], core_snapshots):
+        assert {k: v for k, v in entry.items() if k not in ("index", "alive")} == expected
+    assert snap["counters"] == core_snapshots[0]["counters"] and len(snap["running"]) == 3
+    assert snap["server"]["model"] == "fake-model" and snap["server"]["auth_required"] is False
+
+    engine.lose(0)                         # the first core is lost: the second one is the top level
+    snap = httpx.get(url + "/dashboard/state", timeout=30).json()
+    assert snap["engines"][0] == {"index": 0, "alive": False, "error": LOST}
+    assert snap["engines"][1]["alive"] is True and snap["kv"] == core_snapshots[1]["kv"]
+    assert snap["blocks"] == core_snapshots[1]["blocks"] and snap["running"] == []
+
+
+def test_state_of_cores_that_did_not_answer(core_snapshots):
+    failed = RuntimeError("engine core call failed: boom")           # a live core whose call failed
+    state = engines_state([failed, core_snapshots[1]], [None, None])
+    assert state["engines"][0] == {"index": 0, "alive": True, "error": str(failed)}
+    assert state["kv"] == core_snapshots[1]["kv"]
+    dead = EngineDeadError(LOST)
+    with pytest.raises(EngineDeadError):                              # none answered: as call_utility
+        engines_state([dead, dead], [dead, dead])
 
 
 # ---- the page, in a real browser ---------------------------------------------------------------------
@@ -232,3 +332,48 @@ def test_dashboard_in_browser(server, browser, tmp_path):  # noqa: F811
     out = os.environ.get("PAGEDLLM_DASHBOARD_SCREENSHOT")   # docs/dashboard.png is made this way
     if out:
         shutil.copy(tmp_path / "dashboard-during.png", out)
+
+
+def _panels(driver) -> list[dict]:
+    """Each engine panel as the page shows it: title, error, its grid's counts, its running rows."""
+    return driver.execute_script("""
+        return [...document.querySelectorAll('#engines .engine')].map((p) => ({
+          title: p.querySelector('.title').textContent, error: p.querySelector('.error').textContent,
+          lost: p.classList.contains('lost'), shown: p.offsetParent !== null,
+          body: p.querySelector('.body').offsetParent !== null,
+          grid: Object.assign({}, p.querySelector('[data-role="grid-summary"]').dataset),
+          rows: p.querySelectorAll('[data-role="running"] tbody tr[data-id]').length}));""")
+
+
+def _shown(driver, element_id: str) -> bool:
+    return driver.execute_script(f"return document.getElementById('{element_id}').offsetParent !== null")
+
+
+def test_dashboard_in_browser_with_two_engine_cores(fake_server, core_snapshots, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    url, engine = fake_server
+    browser.get(url + "/dashboard?interval=200")
+    _wait(lambda: browser.execute_script("return window.dashboard.polls") >= 2, 20, "the page to poll the state")
+    panels = _panels(browser)
+    assert [p["title"].split(" ·")[0].strip() for p in panels] == ["engine 0", "engine 1"]
+    assert all(p["shown"] and p["body"] and not p["lost"] and not p["error"] for p in panels)
+    assert not _shown(browser, "blocks") and not _shown(browser, "queues")   # the one-core sections give way
+    grids = [{k: int(v) for k, v in p["grid"].items() if k != "role"} for p in panels]
+    assert [g["cells"] for g in grids] == [256, 128] and grids[0]["used"] == 9 and grids[1]["used"] == 0
+    assert [p["rows"] for p in panels] == [3, 0] and "3 running" in panels[0]["title"]
+    assert "2 engines" in browser.find_element(By.ID, "summary").text
+    assert browser.execute_script("return window.dashboard.history.at(-1).batch") == 3   # summed over the cores
+    assert browser.find_element(By.ID, "health").get_attribute("class") == "ok"
+    browser.save_screenshot(str(tmp_path / "dashboard-two-cores.png"))
+
+    engine.lose(1)
+    lost = _wait(lambda: (p := _panels(browser)[1])["lost"] and p, 20, "engine 1 to show as lost")
+    assert "lost" in lost["title"] and lost["error"] == LOST and not lost["body"]
+    assert browser.find_element(By.ID, "health").get_attribute("class") == "warn"
+    assert "(1 lost)" in browser.find_element(By.ID, "summary").text
+    browser.save_screenshot(str(tmp_path / "dashboard-one-lost.png"))
+
+    engine.set(core_snapshots[:1])         # back to one core: the one-core page again
+    _wait(lambda: _shown(browser, "blocks") and not _shown(browser, "engines"), 20, "the one-core page")
+    assert _grid(browser)["cells"] == 256 and _shown(browser, "queues")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#running tbody tr[data-id]")) == 3

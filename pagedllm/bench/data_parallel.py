@@ -22,6 +22,7 @@ from pagedllm.bench import results as res
 from pagedllm.bench.serve import ClientConfig, benchmark, served_model
 from pagedllm.bench.serve_vs_offline import post, start_server, stop_server
 from pagedllm.bench.workloads import BenchRequest, nano_requests, prefix_requests
+from pagedllm.engine.router import ROUTING_POLICIES
 
 
 def _tenant_requests(args, vocab: int) -> list[BenchRequest]:
@@ -74,9 +75,10 @@ def cmd_data_parallel(args: argparse.Namespace) -> None:
     lo, hi = args.nano_len_range
     workloads = {"nano": nano_requests(vocab, num=args.num_prompts, min_len=lo, max_len=hi),
                  "tenants": _tenant_requests(args, vocab)}
-    servers = {"1 core": _serve_runs(args, workloads, 1, "prefix"),
-               f"{dp} cores, prefix": _serve_runs(args, workloads, dp, "prefix"),
-               f"{dp} cores, round-robin": _serve_runs(args, workloads, dp, "round-robin")}
+    workloads = {name: workloads[name] for name in args.workloads}
+    servers = {"1 core": _serve_runs(args, workloads, 1, "prefix")}
+    for routing in args.routings:
+        servers[f"{dp} cores, {routing}"] = _serve_runs(args, workloads, dp, routing)
     base = servers["1 core"]
     rows = []
     for server, runs in servers.items():
@@ -89,6 +91,7 @@ def cmd_data_parallel(args: argparse.Namespace) -> None:
                          "client_cpu_fraction": run.get("client_cpu_fraction")})
     result = {**res.environment(), "benchmark": "data_parallel", "model": args.model, "dtype": args.dtype,
               "data_parallel_size": dp, "api_server_count": args.api_server_count,
+              "client_processes": args.client_processes,
               "workloads": {"nano": {"num_prompts": args.num_prompts, "len_range": [lo, hi],
                                      "temperature": args.temperature},
                             "tenants": {"num_tenants": args.num_tenants, "prefix_len": args.prefix_len,
@@ -107,6 +110,9 @@ def add_parser(bench) -> None:
     EngineArgs.add_cli_args(p)
     p.set_defaults(data_parallel_size=2, max_model_len=4096)
     p.add_argument("--api-server-count", type=int, default=1)
+    p.add_argument("--workloads", nargs="+", choices=["nano", "tenants"], default=["nano", "tenants"])
+    p.add_argument("--routings", nargs="+", choices=ROUTING_POLICIES, default=["prefix", "round-robin"],
+                   help="the N-core servers to run, by routing")
     p.add_argument("--client-processes", type=int, default=4)
     p.add_argument("--num-prompts", type=int, default=256, help="nano requests")
     p.add_argument("--nano-len-range", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
