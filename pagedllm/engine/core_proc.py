@@ -50,6 +50,7 @@ class EngineCoreProc:
         self.num_clients = len(output_addresses)
         self.client_of: dict[str, int] = {}     # request id -> client, with several clients
         self.stopping = False
+        self.death_reason: str | None = None
         self._closing = False
         self._inputs: queue.Queue = queue.Queue()
         self._outputs: queue.Queue = queue.Queue()
@@ -172,9 +173,10 @@ class EngineCoreProc:
         return parts
 
     def die(self, exc: BaseException) -> None:
-        """Tell every client why the core stops."""
+        """Tell every client why the core stops (kept in death_reason for whoever started it)."""
+        self.death_reason = f"{type(exc).__name__}: {exc}"
         for client in range(self.num_clients):
-            self._outputs.put((client, EngineCoreOutputs(dead=f"{type(exc).__name__}: {exc}")))
+            self._outputs.put((client, EngineCoreOutputs(dead=self.death_reason)))
 
     def close(self) -> None:
         """Send what is queued to the clients still connected, then stop the sender."""
@@ -183,14 +185,12 @@ class EngineCoreProc:
         self._sender.join(10.0)
 
 
-def main(args: CoreProcArgs) -> int:
-    ignore_ctrl_c()
-    exit_with_parent(args.parent_pid)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
-    proc = EngineCoreProc(args.input_address, args.output_addresses)
+def load_and_serve(proc: EngineCoreProc, config: EngineConfig, source: ModelSource) -> int:
+    """Build the engine core for `proc` and serve until told to stop; returns the exit code. A core
+    that cannot start tells its clients why (they raise it). Shared by main and the Ray actors
+    (engine/ray_cores.py)."""
     try:
-        proc.core = EngineCore.from_config(args.config, args.source)
+        proc.core = EngineCore.from_config(config, source)
     except BaseException as exc:  # noqa: BLE001 - reported to the clients, which raise it
         if not isinstance(exc, ValueError):
             logger.exception("the engine core could not start")
@@ -198,6 +198,14 @@ def main(args: CoreProcArgs) -> int:
         proc.close()
         return 1
     return proc.serve()
+
+
+def main(args: CoreProcArgs) -> int:
+    ignore_ctrl_c()
+    exit_with_parent(args.parent_pid)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
+    return load_and_serve(EngineCoreProc(args.input_address, args.output_addresses), args.config, args.source)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ class EngineArgs:
                             help="run this many engine cores, each with the whole model (and tensor-parallel-size "
                                  "GPUs of its own), behind one front end")
         parser.add_argument("--data-parallel-backend", default="mp", choices=DP_BACKENDS,
-                            help="mp: the cores are local processes; ray: Ray actors on any node of a running "
-                                 "Ray cluster (pip install 'pagedllm[ray]')")
+                            help="mp: the cores are local processes; ray: Ray actors on the nodes of the Ray "
+                                 "cluster this machine belongs to, or of a local Ray started for them "
+                                 "(pip install 'pagedllm[ray]'; --device cuda for GPU nodes when this machine "
+                                 "has none)")
         parser.add_argument("--routing", default="prefix", choices=ROUTING_POLICIES,
                             help="with several cores: prefer the core caching the longest prefix of the prompt "
                                  "(unless much busier), or the least-loaded core, or each in turn")
@@ -101,8 +103,9 @@ class EngineArgs:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        on_ray = self.data_parallel_backend == "ray" and self.data_parallel_size > 1
+        if device.startswith("cuda") and not torch.cuda.is_available() and not on_ray:
+            raise ValueError(f"device {device!r} requested but CUDA is not available")   # (Ray: on the nodes)
         self._check_parallel(device)
         dtype = self._dtype(device)
         source = loader.resolve(self.model, self.load_format)
@@ -146,7 +149,10 @@ class EngineArgs:
                              "leave core_process unset")
         if self.data_parallel_backend == "ray" and dp > 1:
             require_ray()
-        local_gpus = tp if self.data_parallel_backend == "ray" else tp * dp   # Ray places cores on any node
+            _check(not device.startswith("cuda:"), "device",
+                   f"{device!r}: with data_parallel_backend 'ray' give 'cuda' (Ray gives each core its GPUs)")
+            return    # the cores' GPUs are on the Ray nodes: the placement group checks them
+        local_gpus = tp * dp
         if local_gpus > 1 and device.startswith("cuda"):
             name = "tensor_parallel_size" if dp == 1 else "data_parallel_size"
             _check(device == "cuda", name, f"uses GPUs 0..{local_gpus - 1} (CUDA_VISIBLE_DEVICES picks them): "
