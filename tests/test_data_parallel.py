@@ -4,7 +4,7 @@ Offline (LLM(data_parallel_size=2)): greedy output equals one core's, and on 8 s
 requests sent at once, prefix routing keeps the single engine's prefix-cache hit rate while
 round-robin loses some. Served (`pagedllm serve -dp 2`): both cores have their own metrics series;
 kill -9 of one core fails only its requests, /health names it, the other core still answers, and
-SIGTERM leaves nothing behind."""
+SIGTERM lets the request in flight finish and leaves nothing behind."""
 
 import json
 import os
@@ -64,14 +64,16 @@ def test_prefix_routing_keeps_the_hit_rate_and_greedy_output(smollm):
     assert rates["round-robin"] < rates["prefix"] - 0.03
 
 
-def _stream(url: str, out: list, index: int) -> None:
+def _stream(url: str, out: list, index: int, max_tokens: int = 120, started: threading.Event | None = None) -> None:
     """One long streamed completion; out[index] = (tokens it reported, the error event or None)."""
     tokens, error = 0, None
     with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
-            "prompt": "Count with me:", "max_tokens": 120, "ignore_eos": True, "stream": True,
+            "prompt": "Count with me:", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
+                if started is not None:
+                    started.set()
                 event = json.loads(line[6:])
                 if "error" in event:
                     error = line
@@ -108,8 +110,14 @@ def test_a_killed_core_fails_only_its_requests():
         assert sorted(e["running"] for e in health.json()["engines"]) == [False, True]
         r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        draining, started = [None], threading.Event()    # SIGTERM lets a request in flight finish
+        last = threading.Thread(target=_stream, args=(url, draining, 0, 40, started))
+        last.start()
+        assert started.wait(60)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
+    last.join(60)
+    assert draining[0] == (40, None)
     assert code == 1, "".join(lines[-30:])     # a core was lost: a supervisor should know
     wait_gone(family)
