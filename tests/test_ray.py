@@ -56,10 +56,11 @@ def ray():
 def test_ray_cores_one_per_node_match_one_engine(ray, smollm, monkeypatch):
     expected = _outputs(smollm)
     start = time.monotonic()
+    others = descendants(os.getpid())     # processes of other tests' fixtures (a shared server), not Ray's
     with _two_node_cluster(ray, monkeypatch):
         node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
         llm = LLM(data_parallel_size=2, data_parallel_backend="ray", max_model_len=512, kv_cache_memory=64 << 20)
-        family = descendants(os.getpid())     # the nodes' processes, the actors among them
+        family = descendants(os.getpid()) - others     # the nodes' processes, the actors among them
         cores = [client.process for client in llm.llm_engine.engine_core.cores]
         try:
             assert {core.node_id for core in cores} == node_ids and len(node_ids) == 2, "one core on each node"
