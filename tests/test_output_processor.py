@@ -44,6 +44,21 @@ def test_stop_string_finishes_here_and_aborts_in_the_core():
     assert not processor.has_unfinished_requests()
 
 
+def test_sequences_the_core_gave_up_on_fail_their_request_alone():
+    """EngineCoreOutputs.errors (a grammar that could not compile, a data-parallel core that died):
+    the request fails with the core's reason, its running siblings leave the core, others go on."""
+    processor = OutputProcessor(LetterTokenizer())
+    lost, kept = RequestOutputCollector(delta=True), RequestOutputCollector(delta=True)
+    processor.add_request("lost", None, [0], SamplingParams(n=2, output_kind="delta"), 0.0, lost)
+    processor.add_request("kept", None, [0], SamplingParams(output_kind="delta"), 0.0, kept)
+    out = processor.process_outputs(EngineCoreOutputs(request_ids=["lost#1", "kept"], new_token_ids=[1, 1],
+                                                      errors={"lost#0": "engine core 1 stopped"}))
+    assert out.to_abort == ["lost#1"] and list(processor.requests) == ["kept"]
+    with pytest.raises(RequestFailedError, match="engine core 1 stopped"):
+        asyncio.run(lost.get())
+    assert asyncio.run(kept.get()).outputs[0].token_ids == [1]
+
+
 def test_a_failing_request_ends_alone():
     processor = OutputProcessor(LetterTokenizer())
     delta = SamplingParams(output_kind="delta")

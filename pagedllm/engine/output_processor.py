@@ -162,6 +162,7 @@ class OutputProcessor:
         for seq_id, reason in outputs.errors.items():   # sequences the core gave up on (or lost)
             owner = sequences.get(seq_id)
             if owner is not None:
+                owner[1].finish_reason = "abort"    # gone from the core already: only its siblings need aborts
                 self._fail(owner[0], RequestFailedError(f"request {owner[0].request_id} failed: {reason}"), result)
         touched: dict[str, RequestState] = {}
         finished, logprobs, first = outputs.finished, outputs.logprobs, outputs.num_cached_tokens
