@@ -105,7 +105,7 @@ class EngineArgs:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_ray = self.data_parallel_backend == "ray" and self.data_parallel_size > 1
         if device.startswith("cuda") and not torch.cuda.is_available() and not on_ray:
-            raise ValueError(f"device {device!r} requested but CUDA is not available")   # (Ray: on the nodes)
+            raise ValueError(f"device {device!r} requested but CUDA is not available")   # Ray: on the nodes
         self._check_parallel(device)
         dtype = self._dtype(device)
         source = loader.resolve(self.model, self.load_format)

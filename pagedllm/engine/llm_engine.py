@@ -13,7 +13,8 @@ from pagedllm.sampling_params import SamplingParams
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer, engine_core: InprocClient | SyncMPClient | DPSyncClient) -> None:
+    def __init__(self, config: EngineConfig, tokenizer,
+                 engine_core: InprocClient | SyncMPClient | DPSyncClient) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = config.model.hf_config.vocab_size

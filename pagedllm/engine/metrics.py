@@ -81,10 +81,13 @@ class EngineMetrics:
         self.prefix_cache_hits = counter("vllm:prefix_cache_hits",
                                          "Prefix cache hits, in terms of number of cached tokens.", core_label)
         self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions.", core_label)
-        self.structured_requests = counter("pagedllm:structured_output_requests",
-                                           "Sequences generated under a grammar (structured outputs, tool calls).", core_label)
-        self.grammar_compile = counter("pagedllm:grammar_compile_seconds", "Seconds spent compiling grammars.", core_label)
-        self.grammar_mask = counter("pagedllm:grammar_mask_seconds", "Seconds spent filling grammar token masks.", core_label)
+        self.structured_requests = counter(
+            "pagedllm:structured_output_requests", "Sequences generated under a grammar (structured outputs, tool calls).",
+            core_label)
+        self.grammar_compile = counter("pagedllm:grammar_compile_seconds", "Seconds spent compiling grammars.",
+                                       core_label)
+        self.grammar_mask = counter("pagedllm:grammar_mask_seconds", "Seconds spent filling grammar token masks.",
+                                    core_label)
         self.request_success = counter("vllm:request_success", "Count of successfully processed requests.",
                                        ["model_name", "finished_reason"])
         self.num_running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
@@ -151,11 +154,12 @@ class EngineMetrics:
     def _core(self, engine: int) -> "_CoreSeries":
         series = self._cores.get(engine)
         if series is None:
-            series = self._cores[engine] = _CoreSeries({name: metric.labels(self.model_name, str(engine)) for name, metric in (
-                ("queries", self.prefix_cache_queries), ("hits", self.prefix_cache_hits),
-                ("preemptions", self.num_preemptions), ("structured", self.structured_requests),
-                ("compile", self.grammar_compile), ("mask", self.grammar_mask),
-                ("running", self.num_running), ("waiting", self.num_waiting), ("kv_usage", self.kv_usage))})
+            metrics = (("queries", self.prefix_cache_queries), ("hits", self.prefix_cache_hits),
+                       ("preemptions", self.num_preemptions), ("structured", self.structured_requests),
+                       ("compile", self.grammar_compile), ("mask", self.grammar_mask),
+                       ("running", self.num_running), ("waiting", self.num_waiting), ("kv_usage", self.kv_usage))
+            labels = (self.model_name, str(engine))
+            series = self._cores[engine] = _CoreSeries({name: metric.labels(*labels) for name, metric in metrics})
         return series
 
     def maybe_log(self, stats: SchedulerStats, interval: float, engine: int = 0) -> None:
