@@ -27,6 +27,22 @@ VOCAB = 49152
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 
+def test_each_core_gets_its_own_gpus(monkeypatch):
+    """Core i takes tensor_parallel_size GPUs in order from CUDA_VISIBLE_DEVICES (or from 0)."""
+    from types import SimpleNamespace
+
+    from pagedllm.engine.client import core_device_env
+
+    def config(dp, tp, device="cuda"):
+        return SimpleNamespace(data_parallel_size=dp, device=device, model=SimpleNamespace(tensor_parallel_size=tp))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert [core_device_env(config(2, 2), i) for i in range(2)] == [
+        {"CUDA_VISIBLE_DEVICES": "4,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert core_device_env(config(3, 1), 2) == {"CUDA_VISIBLE_DEVICES": "2"}
+    assert core_device_env(config(1, 2), 0) == {} and core_device_env(config(2, 1, "cpu"), 1) == {}
+
+
 def _tenant_prompts(seed: int = 0) -> list[list[int]]:
     """8 system prompts of 128 tokens, 12 requests each with 16 tokens of their own, shuffled."""
     rng = random.Random(seed)
