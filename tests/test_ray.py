@@ -85,3 +85,14 @@ def test_without_ray_the_error_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)     # `import ray` raises ImportError
     with pytest.raises(ValueError, match=r"pip install 'pagedllm\[ray\]'"):
         EngineArgs(data_parallel_size=2, data_parallel_backend="ray").create_config()
+
+
+def test_cuda_cores_can_be_asked_for_from_a_head_without_cuda(ray):
+    """The GPUs are on the Ray nodes: the head (this CPU machine) need not see any."""
+    config, _ = EngineArgs(data_parallel_size=2, data_parallel_backend="ray", device="cuda",
+                           tensor_parallel_size=3).create_config()   # SmolLM2: 9 heads, 3 KV heads
+    assert (config.device, config.model.dtype, config.data_parallel_size) == ("cuda", "bfloat16", 2)
+    with pytest.raises(ValueError, match="device 'cuda:1'"):
+        EngineArgs(data_parallel_size=2, data_parallel_backend="ray", device="cuda:1").create_config()
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        EngineArgs(device="cuda").create_config()
