@@ -6,7 +6,8 @@
   client, and several of them can share one core.
 
 Every client sees the same interface: add_requests, abort_requests, outputs, call_utility (a named
-call the core runs between two steps), shutdown. The core's death shows up as EngineDeadError: a
+call the core runs between two steps) and call_each (the same on every core, as a list: one core's
+here, every core's for the data-parallel clients of dp_client.py), shutdown. The core's death shows up as EngineDeadError: a
 last message from it saying why, or the end of the death pipe, whose only write end the core's
 process holds.
 """
@@ -68,6 +69,10 @@ class InprocClient:
     def call_utility(self, method: str, *args):
         return self.core.call_utility(method, list(args))
 
+    def call_each(self, method: str, *args) -> list:
+        """The one core's result, as a list: the shape of DPSyncClient's."""
+        return [self.call_utility(method, *args)]
+
     def shutdown(self) -> None:
         self.core.shutdown()
 
@@ -126,7 +131,7 @@ class CoreProcess:
         """Tell the core to stop (it finishes nothing: stop taking requests first) and wait for
         it, killing it after `timeout` s; returns its exit code (idempotent)."""
         if self.proc.poll() is None:
-            request_shutdown(self.input_address)
+            self.request_stop()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -192,9 +197,9 @@ class SyncMPClient:
         self._input = _input_socket(self._context, addresses.input_address)
         self._output = self._context.socket(zmq.PULL)
         self._output.connect(addresses.output_address)
+        self._death_fd = addresses.death_fd
         self._poller = zmq.Poller()
         self.register(self._poller)
-        self._death_fd = addresses.death_fd
         self._ids = itertools.count(1)
         self._pending: deque[EngineCoreOutputs] = deque()
         self.closed = False
@@ -217,7 +222,7 @@ class SyncMPClient:
     def register(self, poller: zmq.Poller) -> None:
         """Watch this core's outputs and death pipe with `poller`."""
         poller.register(self._output, zmq.POLLIN)
-        poller.register(self.process.death_fd, zmq.POLLIN)
+        poller.register(self._death_fd, zmq.POLLIN)
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         self._input.send(serial.encode(AddRequests(requests)))
@@ -241,6 +246,10 @@ class SyncMPClient:
                 if mine[0].error is not None:
                     raise RuntimeError(f"engine core call {method} failed: {mine[0].error}")
                 return mine[0].result
+
+    def call_each(self, method: str, *args) -> list:
+        """The one core's result, as a list: the shape of DPSyncClient's."""
+        return [self.call_utility(method, *args)]
 
     def receive_nowait(self) -> EngineCoreOutputs | None:
         """The next message if one is there (None if not); raises if the core is gone."""

@@ -2,7 +2,7 @@
 that picks the core for each request (engine/router.py).
 
 Both clients look like the one-core clients of engine/client.py (add_requests, abort_requests,
-get_output, call_utility, shutdown / close). Every core's messages update the router (the block
+get_output, call_each, shutdown / close). Every core's messages update the router (the block
 hashes it cached and evicted, its KV usage, the sequences that finished) before the front end
 processes them.
 
@@ -161,7 +161,7 @@ class DPSyncClient:
                     return message
             self._poller.poll()
 
-    def call_utility(self, method: str, *args) -> list:
+    def call_each(self, method: str, *args) -> list:
         """Every core's result, in core order."""
         return [client.call_utility(method, *args) for client in self.cores]
 

@@ -77,34 +77,29 @@ class LLMEngine:
         return processed.outputs
 
     # ---- named calls to the engine core(s) ----------------------------------------------------------
-    def _call(self, method: str, *args) -> list:
-        """Every core's result (one core: a list of one)."""
-        results = self.engine_core.call_utility(method, *args)
-        return results if isinstance(self.engine_core, DPSyncClient) else [results]
-
     def get_stats(self) -> dict:
         """The scheduler's counters and gauges (core_types.SchedulerStats, as a dict), added up
         over the cores (KV usage: their mean)."""
-        stats = self._call("get_stats")
+        stats = self.engine_core.call_each("get_stats")
         total = {key: sum(s[key] for s in stats) for key in stats[0]}
         total["kv_cache_usage"] /= len(stats)
         return total
 
     def reset_prefix_cache(self) -> bool:
-        return all(self._call("reset_prefix_cache"))
+        return all(self.engine_core.call_each("reset_prefix_cache"))
 
     def model_info(self) -> dict:
-        return self._call("model_info")[0]
+        return self.engine_core.call_each("model_info")[0]
 
     def kv_cache_state(self) -> dict:
         """The block pools' invariants checked, and their counts added up over the cores."""
-        states = self._call("kv_cache_state")
+        states = self.engine_core.call_each("kv_cache_state")
         return {key: (any if isinstance(states[0][key], bool) else sum)(s[key] for s in states) for key in states[0]}
 
     def record_steps(self, on: bool) -> list:
         """Start or stop logging step shapes; the steps logged since the last call (EngineCore),
         every core's."""
-        return [step for steps in self._call("record_steps", on) for step in steps]
+        return [step for steps in self.engine_core.call_each("record_steps", on) for step in steps]
 
     @property
     def model_runner(self):
