@@ -15,12 +15,11 @@ vllm:prefix_cache_hits / queries over the run (all cores added up).
 
 import argparse
 import random
-import re
-import urllib.request
 
 from pagedllm.bench import results as res
 from pagedllm.bench.serve import ClientConfig, benchmark, served_model
 from pagedllm.bench.serve_vs_offline import post, start_server, stop_server
+from pagedllm.bench.stress import read_metrics
 from pagedllm.bench.workloads import BenchRequest, nano_requests, prefix_requests
 from pagedllm.engine.router import ROUTING_POLICIES
 
@@ -35,12 +34,8 @@ def _tenant_requests(args, vocab: int) -> list[BenchRequest]:
 
 def _prefix_counts(url: str) -> tuple[float, float]:
     """(prefix_cache_hits, prefix_cache_queries) from /metrics, every core's added up."""
-    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
-    total = {}
-    for name in ("hits", "queries"):
-        pattern = rf"^vllm:prefix_cache_{name}_total\{{[^}}]*\}} (\S+)$"
-        total[name] = sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
-    return total["hits"], total["queries"]
+    metrics = read_metrics(url)
+    return metrics["vllm:prefix_cache_hits_total"], metrics["vllm:prefix_cache_queries_total"]
 
 
 def _serve_runs(args, workloads: dict, dp: int, routing: str) -> dict:

@@ -31,13 +31,15 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
 def read_metrics(url: str, headers: dict | None = None) -> dict[str, float]:
-    """vllm:* samples of /metrics; `finished_reason` labels folded into the key."""
-    out = {}
+    """vllm:* samples of /metrics; `finished_reason` labels folded into the key, other labels (the
+    `engine` of each data-parallel core) added up."""
+    out: dict[str, float] = {}
     for line in httpx.get(url + "/metrics", headers=headers, timeout=30).text.splitlines():
         m = re.match(r'^(vllm:[a-z0-9_]+)(\{[^}]*\})? ([0-9.e+-]+)$', line)
         if m:
             reason = re.search(r'finished_reason="(\w+)"', m.group(2) or "")
-            out[m.group(1) + (f"[{reason.group(1)}]" if reason else "")] = float(m.group(3))
+            key = m.group(1) + (f"[{reason.group(1)}]" if reason else "")
+            out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
 
 
