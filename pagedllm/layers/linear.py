@@ -9,6 +9,7 @@ Each parameter carries a `weight_loader(param, tensor, shard=None)` that copies 
 of a full checkpoint tensor; with one rank the piece is the whole tensor.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, except one row in half precision on a GPU (decode at batch 1) with small weights:
     the skinny kernel streams those faster than cuBLAS's kernels do."""
     if bias is None and x.is_cuda and x.dim() == 2 and x.dtype in SKINNY_DTYPES and x.stride(1) == 1:
-        from pagedllm.kernels.triton.skinny_gemm import skinny_linear, worth_it
-        if worth_it(x, weight):
-            return skinny_linear(x, weight)
+        skinny = _skinny_gemm()
+        if skinny.worth_it(x, weight):
+            return skinny.skinny_linear(x, weight)
     return F.linear(x, weight, bias)
+
+
+@functools.cache
+def _skinny_gemm():
+    """The kernel's module, imported once (Triton is there only where CUDA is)."""
+    from pagedllm.kernels.triton import skinny_gemm
+    return skinny_gemm
 
 
 def copy_whole(param: torch.Tensor, tensor: torch.Tensor, shard: int | None = None) -> None:
