@@ -40,10 +40,12 @@ def _run(llm, prompts, params) -> tuple[list, float]:
     return outputs, time.perf_counter() - start
 
 
-def _allocator_counts() -> tuple[int, int]:
+def _allocator_counts(local: bool) -> tuple[int | None, int | None]:
     """The CUDA caching allocator's device allocations so far, and the times it had to give memory
-    back (synchronising) to allocate."""
+    back (synchronising) to allocate; None when the engine core runs in another process."""
     import torch
+    if not local:
+        return None, None
     stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
     return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
@@ -73,13 +75,14 @@ def cmd_structured(args: argparse.Namespace) -> None:
     _run(llm, prompts, SamplingParams(temperature=args.temperature, max_tokens=8, ignore_eos=True))
     rows, result = [], {**res.environment(), "benchmark": "structured", "model": engine.config.model.model,
                         "num_prompts": args.num_prompts, "len_range": [lo, hi], "output_len": args.output_len,
-                        "temperature": args.temperature, "schema": Record.model_json_schema(), "repeats": [],
+                        "temperature": args.temperature, "core_process": args.core_process, "schema": Record.model_json_schema(), "repeats": [],
                         "first_compile_s": engine.get_stats()["grammar_compile_time"]}
     for repeat in range(args.repeats):
         engine.reset_prefix_cache()
-        before, allocator = engine.get_stats(), _allocator_counts()
+        before, allocator = engine.get_stats(), _allocator_counts(not args.core_process)
         outs, seconds = _run(llm, prompts, constrained)
-        after, allocator = engine.get_stats(), [b - a for a, b in zip(allocator, _allocator_counts())]
+        after, allocator = engine.get_stats(), [b - a if a is not None else None
+                                                 for a, b in zip(allocator, _allocator_counts(not args.core_process))]
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
         invalid = [c for c in finished if not _valid(c.text)]
@@ -117,5 +120,7 @@ def add_parser(bench) -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--core-process", action="store_true",
+                   help="run the engine core in its own process, as the server does (LLM(core_process=True))")
     p.add_argument("--output", default=None, help="path stem for the .json and .md results")
     p.set_defaults(func=cmd_structured)

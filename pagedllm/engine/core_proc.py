@@ -30,7 +30,7 @@ from pagedllm.core_types import (AbortRequests, AddRequests, EngineCoreOutputs, 
 from pagedllm.engine import serial
 from pagedllm.engine.core import EngineCore
 from pagedllm.models.loader import ModelSource
-from pagedllm.processes import exit_with_parent, ignore_ctrl_c
+from pagedllm.processes import exit_with_parent, freeze_gc_heap, ignore_ctrl_c
 
 logger = logging.getLogger("pagedllm.engine.core")
 
@@ -197,6 +197,7 @@ def load_and_serve(proc: EngineCoreProc, config: EngineConfig, source: ModelSour
         proc.die(exc)
         proc.close()
         return 1
+    freeze_gc_heap()
     return proc.serve()
 
 

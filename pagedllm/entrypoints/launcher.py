@@ -110,6 +110,7 @@ def serve_api(a: APIServerArgs, cores: list | None = None, signals=(signal.SIGIN
     from pagedllm.entrypoints.app import build_app
     from pagedllm.entrypoints.limits import ServerLimits
     from pagedllm.models.loader import load_tokenizer
+    from pagedllm.processes import freeze_gc_heap
     args = a.args
     client_index = a.addresses[0].client_index
     try:
@@ -133,6 +134,7 @@ def serve_api(a: APIServerArgs, cores: list | None = None, signals=(signal.SIGIN
             logger.info("serving %s on http://%s:%d/v1 (%d API process%s, %d engine core%s)", a.model_name,
                         args.host, args.port, a.num_api_servers, "es" if a.num_api_servers > 1 else "",
                         len(a.addresses), "s" if len(a.addresses) > 1 else "")
+        freeze_gc_heap()   # torch, transformers, the tokenizer: loaded, never garbage
         server.run(sockets=sockets)
     finally:
         if cores is not None:
