@@ -9,6 +9,8 @@ import functools
 import time
 from collections import defaultdict
 
+from torch.profiler import ProfilerActivity, profile
+
 from pagedllm import LLM, SamplingParams
 from pagedllm.bench.structured import Record
 from pagedllm.bench.workloads import nano_requests
@@ -66,6 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--torch-profile", action="store_true",
+                        help="also one constrained run under torch.profiler: the host's top ops and CUDA calls")
     args = parser.parse_args()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096, tokenizer=args.tokenizer)
     for name, (owner, attr) in TIMED.items():
@@ -81,6 +85,13 @@ def main() -> None:
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         same = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in lengths]
         run(llm, f"unconstrained, same lengths, repeat {repeat + 1}", prompts, same)
+    if args.torch_profile:
+        for label, params in (("constrained", constrained), ("unconstrained", same)):
+            llm.llm_engine.reset_prefix_cache()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                llm.generate(prompts, params, use_tqdm=False)
+            print(f"\n=== torch.profiler, {label} run: by host self time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_kernel_equals_torch_unpacking(dtype, vocab, mask_vocab):
     expected = logits.clone()
     apply_grammar_bitmask(expected, bitmask, rows)   # the torch path, on the CPU
     got = logits.to(DEVICE)
-    grammar_mask.apply_bitmask(got, bitmask[rows].to(DEVICE), torch.tensor(rows, device=DEVICE))
+    grammar_mask.apply_bitmask(got, bitmask.to(DEVICE), torch.tensor(rows, device=DEVICE))
     assert torch.equal(got.cpu(), expected)
     allowed = (bitmask[0, 0] >> torch.arange(32, dtype=torch.int32)) & 1
     assert torch.isinf(expected[0, :32][allowed == 0]).all() and not torch.isinf(expected[0, :32][allowed == 1]).any()

@@ -11,6 +11,7 @@ forward through run_worker_step, so their collectives pair up, and take rank 0's
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +46,18 @@ def _default_dtype(dtype: torch.dtype):
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """Start a device-to-host copy (into pinned memory on CUDA) without waiting for it."""
     return t.to("cpu", non_blocking=True) if t.is_cuda else t
+
+
+def _one_host_thread() -> None:
+    """With the model on a GPU, the host's torch ops are small bookkeeping, and torch's CPU thread
+    pool only gets in the way: its threads spin for a while after each parallel op, taking the
+    cores that xgrammar's mask threads and the step loop need (on the H200 this alone moved
+    structured outputs from 0.68-0.91 to 0.83-0.93 of unconstrained throughput). vLLM also runs its
+    GPU workers with one thread; OMP_NUM_THREADS, when set, is left to decide."""
+    if torch.get_num_threads() > 1:
+        logger.info("torch CPU threads: %d -> 1 (the model runs on the GPU; set OMP_NUM_THREADS to choose)",
+                    torch.get_num_threads())
+        torch.set_num_threads(1)
 
 
 def _block_table_array(tables: list[list[int]]) -> np.ndarray:
@@ -127,6 +140,8 @@ class ModelRunner:
         if self.device.type == "cuda" and tp.size > 1:
             self.device = torch.device("cuda", tp.rank)
         self.dtype = getattr(torch, config.model.dtype)
+        if self.device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+            _one_host_thread()
         self.block_size = config.cache.block_size
         self.max_model_len = config.model.max_model_len
         self.hf_config = config.model.hf_config

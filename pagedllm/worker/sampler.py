@@ -168,18 +168,18 @@ def _fused_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
 def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Forbid, in place, the tokens that the grammars of `rows` do not allow next. `bitmask` is
     xgrammar's int32 [len(logits), words] layout (bit j of word w: token 32 w + j), on the host;
-    tokens past its words (a model's vocabulary padded past its tokenizer's) are forbidden. Its rows
-    travel through pinned memory and nothing here waits for the device (a kernel that took its row
-    indices from a pageable host list would stall the pipeline until the step's forward is done).
-    On CUDA a Triton kernel writes the -inf in place (kernels/triton/grammar_mask.py); elsewhere
-    torch ops unpack the bits."""
+    tokens past its words (a model's vocabulary padded past its tokenizer's) are forbidden. On CUDA
+    the whole mask and the row indices travel through pinned memory, nothing here waits for the
+    device (a kernel that took its row indices from a pageable host list would stall the pipeline
+    until the step's forward is done), and a Triton kernel writes the -inf in place
+    (kernels/triton/grammar_mask.py); elsewhere torch ops unpack the bits."""
     device = logits.device
-    every_row = len(rows) == len(logits)
-    words = to_device(bitmask if every_row else bitmask[rows], torch.int32, device)
     if device.type == "cuda":
         from pagedllm.kernels.triton.grammar_mask import apply_bitmask
-        apply_bitmask(logits, words, to_device(rows, torch.int64, device))
+        apply_bitmask(logits, to_device(bitmask, torch.int32, device), to_device(rows, torch.int64, device))
         return
+    every_row = len(rows) == len(logits)
+    words = bitmask if every_row else bitmask[rows]
     bit = torch.arange(32, dtype=torch.int32, device=device)
     forbidden = ((words.unsqueeze(-1) >> bit) & 1 == 0).view(len(rows), -1)
     vocab = logits.shape[1]
@@ -189,7 +189,7 @@ def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: lis
     if every_row:
         logits.masked_fill_(forbidden, float("-inf"))
     else:
-        index = to_device(rows, torch.int64, device)
+        index = torch.tensor(rows, dtype=torch.int64, device=device)
         logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
 
