@@ -69,20 +69,21 @@ def cmd_structured(args: argparse.Namespace) -> None:
     schema = StructuredOutputsParams(json=Record.model_json_schema())
     constrained = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, structured_outputs=schema)
     # warm-up: the grammar, both kinds of step at every batch size the runs reach (the sampling and
-    # mask kernels' configs, which Triton compiles on first use; the allocator's first large blocks)
-    _run(llm, prompts[:8], constrained)
-    _run(llm, prompts, SamplingParams(temperature=args.temperature, max_tokens=8, structured_outputs=schema))
+    # mask kernels' configs, which Triton compiles on first use; the allocator's first large blocks;
+    # the batch sizes of a whole run's tail, as its requests finish one by one)
+    _run(llm, prompts, constrained)
     _run(llm, prompts, SamplingParams(temperature=args.temperature, max_tokens=8, ignore_eos=True))
+    local = not args.core_process     # the allocator's counts are this process's
     rows, result = [], {**res.environment(), "benchmark": "structured", "model": engine.config.model.model,
                         "num_prompts": args.num_prompts, "len_range": [lo, hi], "output_len": args.output_len,
                         "temperature": args.temperature, "core_process": args.core_process, "schema": Record.model_json_schema(), "repeats": [],
                         "first_compile_s": engine.get_stats()["grammar_compile_time"]}
     for repeat in range(args.repeats):
         engine.reset_prefix_cache()
-        before, allocator = engine.get_stats(), _allocator_counts(not args.core_process)
+        before, allocator = engine.get_stats(), _allocator_counts(local)
         outs, seconds = _run(llm, prompts, constrained)
         after, allocator = engine.get_stats(), [b - a if a is not None else None
-                                                 for a, b in zip(allocator, _allocator_counts(not args.core_process))]
+                                                 for a, b in zip(allocator, _allocator_counts(local))]
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
         invalid = [c for c in finished if not _valid(c.text)]

@@ -115,8 +115,9 @@ class CudaGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, the largest first. Each is run once before its capture so that
-        compilation (torch.compile, Triton) happens outside it. Inference mode as in the steps
+        """Capture every bucket, the largest first, then replay each once. Each is run once before
+        its capture so that compilation (torch.compile, Triton) happens outside it. The replays read
+        the static buffers as captured (padding only: slot -1 stores nothing). Inference mode as in the steps
         themselves: with autograd on, a forward keeps every layer's activations alive."""
         started = time.perf_counter()
         s = self.static
@@ -130,6 +131,9 @@ class CudaGraphs:
                 s.hidden[:size] = self.model(*args)
             pool = graph.pool()
             self.graphs[kind][size] = graph
+        for graphs in self.graphs.values():   # a graph's first replay uploads it to the device (slow):
+            for graph in graphs.values():     # here, not in the first step that needs its size
+                graph.replay()
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (decode batches up to %d, mixed steps up to %d tokens) in %.1f s",
                     len(self), max(self.decode_sizes), max(self.mixed_sizes, default=0),
