@@ -160,10 +160,10 @@ class CudaGraphs:
         num_tokens, num_seqs = len(batch.input_ids), len(batch.seq_lens)
         kind, size = self._pick(num_tokens, num_seqs, plan is not None)
         s = self.static
-        packed = batch.input_ids + batch.positions + batch.slot_mapping + batch.seq_lens
+        packed = [batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens]
         if kind == "mixed":
-            packed = packed + batch.cu_seqlens_q
-        parts = to_device(packed, torch.int64, s.input_ids.device).split(
+            packed.append(batch.cu_seqlens_q)
+        parts = to_device(np.concatenate(packed), torch.int64, s.input_ids.device).split(
             [num_tokens] * 3 + [num_seqs] + ([num_seqs + 1] if kind == "mixed" else []))
         s.input_ids[:num_tokens].copy_(parts[0])
         fill_pending(s.input_ids, batch)

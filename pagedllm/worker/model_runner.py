@@ -60,22 +60,14 @@ def _one_host_thread() -> None:
         torch.set_num_threads(1)
 
 
-def _block_table_array(tables: list[list[int]]) -> np.ndarray:
-    """Per-request block id lists as one zero-padded int32 array."""
-    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
-    for row, table in zip(out, tables):
-        row[:len(table)] = table
-    return out
-
-
 @dataclass
 class _Batch:
-    input_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    cu_seqlens_q: list[int]
+    input_ids: np.ndarray              # per token, int64
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    cu_seqlens_q: list[int]            # per sequence
     seq_lens: list[int]
-    block_tables: list[list[int]]
+    block_tables: np.ndarray           # [sequences, blocks] int32, zero-padded
     logits_indices: list[int]          # rows of the hidden states to sample from
     # rows whose logits score the next prompt token, and per request (index in the step, first
     # prompt position scored, count) for prompt_logprobs
@@ -151,7 +143,7 @@ class ModelRunner:
         attn = self.model.attention_layers()[0]
         self.shared_tile_size = attn.backend.shared_tile_seqs(attn.num_heads, attn.num_kv_heads)
         self.sampler = Sampler(self.hf_config.vocab_size, config.scheduler.eos_token_ids)
-        self.input_batch = InputBatch()
+        self.input_batch = InputBatch(-(-self.max_model_len // self.block_size))
         self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.graphs: CudaGraphs | None = None
         self.num_blocks = self._size_pool()
@@ -215,9 +207,10 @@ class ModelRunner:
         lens[-1] += num_tokens - sum(lens)
         cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
         max_blocks = -(-max(lens) // self.block_size)
-        batch = _Batch(input_ids=[0] * num_tokens, positions=[p for n in lens for p in range(n)],
-                       slot_mapping=[-1] * num_tokens, cu_seqlens_q=cu, seq_lens=lens,
-                       block_tables=[[0] * max_blocks for _ in lens], logits_indices=[c - 1 for c in cu[1:]])
+        batch = _Batch(input_ids=np.zeros(num_tokens, np.int64),
+                       positions=np.concatenate([np.arange(n) for n in lens]),
+                       slot_mapping=np.full(num_tokens, -1, np.int64), cu_seqlens_q=cu, seq_lens=lens,
+                       block_tables=np.zeros((num_seqs, max_blocks), np.int32), logits_indices=[c - 1 for c in cu[1:]])
         with torch.inference_mode():
             logits = self._execute(batch)
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)
@@ -242,39 +235,38 @@ class ModelRunner:
 
     # ---- per step ---------------------------------------------------------------------------
     def _prepare(self, out: SchedulerOutput, requests: list[CachedRequestState]) -> tuple[_Batch, list[int]]:
-        """Flatten the step into per-token and per-sequence lists (the per-step host hot path:
-        decodes take the short branch); also returns the indices of the requests that sample."""
-        bs = self.block_size
-        b = _Batch([], [], [], [0], [], [], [])
-        input_ids, positions, slots, tables = b.input_ids, b.positions, b.slot_mapping, b.block_tables
+        """Flatten the step into per-token arrays and per-sequence lists (the per-step host hot
+        path: the loop gathers token ids, numpy computes positions and slots for every token at
+        once); also returns the indices of the requests that sample."""
+        input_ids, cu, seq_lens, logits_indices = [], [0], [], []
+        b = _Batch(None, None, None, cu, seq_lens, self.input_batch.block_table(requests), logits_indices)
         sampling = []
         total = 0
         for index, (request, n, start) in enumerate(zip(requests, out.num_scheduled_tokens, out.num_computed_tokens)):
-            blocks = request.block_ids
             if n == 1:
                 input_ids.append(request.token_at(start))
-                positions.append(start)
-                slots.append(blocks[start // bs] * bs + start % bs)
             else:
                 input_ids.extend(request.tokens_in(start, start + n))
-                span = np.arange(start, start + n)
-                positions.extend(span.tolist())
-                slots.extend((np.asarray(blocks)[span // bs] * bs + span % bs).tolist())
-            if input_ids[-1] == PLACEHOLDER:   # sampled by the step still in flight
-                b.pending_at.append(total + n - 1)
-                b.pending_rows.append(request.prev_row)
             total += n
-            b.cu_seqlens_q.append(total)
-            b.seq_lens.append(start + n)
-            tables.append(blocks)
+            if input_ids[-1] == PLACEHOLDER:   # sampled by the step still in flight
+                b.pending_at.append(total - 1)
+                b.pending_rows.append(request.prev_row)
+            cu.append(total)
+            seq_lens.append(start + n)
             if start + n == request.num_tokens:
-                b.logits_indices.append(total - 1)
+                logits_indices.append(total - 1)
                 sampling.append(index)
             if request.sampling_params.prompt_logprobs is not None:
                 scored = min(start + n, len(request.prompt_token_ids) - 1) - start
                 if scored > 0:
                     b.prompt_spans.append((index, start, scored))
                     b.prompt_rows.extend(range(total - n, total - n + scored))
+        b.input_ids = np.array(input_ids, dtype=np.int64)
+        counts = np.diff(cu)
+        seq = np.repeat(np.arange(len(requests)), counts)
+        b.positions = np.arange(total, dtype=np.int64) + np.repeat(np.asarray(seq_lens) - counts - cu[:-1], counts)
+        bs = self.block_size
+        b.slot_mapping = b.block_tables[seq, b.positions // bs].astype(np.int64) * bs + b.positions % bs
         return b, sampling
 
     def _tensors(self, b: _Batch, tables: np.ndarray, single_lens: np.ndarray | None,
@@ -369,7 +361,7 @@ class ModelRunner:
         return self.model.compute_logits(hidden[to_device(rows, torch.int64, self.device)])
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
-        tables = _block_table_array(batch.block_tables)
+        tables = batch.block_tables
         single_lens, plan = self._cascade(batch, tables)
         if self.graphs is not None and self.graphs.covers(len(batch.input_ids), len(batch.seq_lens)):
             return self.graphs.run(batch, tables, single_lens, plan, self._fill_pending)
