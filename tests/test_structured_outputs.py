@@ -235,3 +235,33 @@ def test_control_character_row_matches_xgrammar_layout():
     logits = torch.zeros(1, 70)
     apply_grammar_bitmask(logits, row.unsqueeze(0), [0])
     assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [0, 31, 32, 69]
+
+
+def test_json_rows_keep_surrogates_out_of_strings(smollm):
+    """xgrammar 0.2.9 accepts ED A0-BF xx (a UTF-8-encoded surrogate, three U+FFFD once decoded)
+    inside a JSON string; after a token that ends in a lone ED byte the row must allow the
+    continuations of a real character (80-9F) and none that start a surrogate (A0-BF)."""
+    from types import SimpleNamespace
+
+    from pagedllm.engine.structured_output import StructuredOutputManager
+    tokenizer = smollm.llm_engine.tokenizer
+    manager = StructuredOutputManager(lambda: tokenizer)
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 12}}, "required": ["s"]}
+    request = SimpleNamespace(request_id="r", grammar=None, is_finished=False,
+                              sampling_params=SamplingParams(structured_outputs=StructuredOutputsParams(json=schema)))
+    manager.add(request)
+    request.grammar.future.result()
+    decoded = xgr.TokenizerInfo.from_huggingface(tokenizer).decoded_vocab
+    byte_token = {b: decoded.index(bytes([b])) for b in (0xED, 0xAF, 0x80)}   # the single-byte tokens
+    for token in tokenizer.encode('{"s": "', add_special_tokens=False) + [byte_token[0xED]]:
+        assert manager.accept([request], [token]) == [True]
+    words = manager.bitmask([request])[0][0]
+
+    def allowed(token: int) -> bool:
+        return bool((int(words[token // 32]) >> (token % 32)) & 1)
+    assert allowed(byte_token[0x80]) and not allowed(byte_token[0xAF])
+    matcher = xgr.GrammarMatcher(request.grammar.future.result())   # xgrammar alone would allow it
+    for token in tokenizer.encode('{"s": "', add_special_tokens=False) + [byte_token[0xED]]:
+        matcher.accept_token(token)
+    assert matcher.accept_token(byte_token[0xAF])
+    manager.shutdown()

@@ -12,7 +12,10 @@ The bitmask spans the tokenizer's vocabulary; model ids past it are never allowe
 and json_object alike) is compact, without free whitespace: a loop of blank space cannot eat the
 token budget. Compact JSON never holds a raw control character, so its rows also forbid every
 token that decodes to one (xgrammar 0.2.9 lets them into strings with a maxLength, which strict
-JSON parsers then refuse).
+JSON parsers then refuse). xgrammar 0.2.9 also lets UTF-8-encoded surrogates (bytes ED A0-BF xx,
+not UTF-8) into JSON strings, where it counts one character and a decoder writes three U+FFFD,
+breaking a maxLength: JSON rows forbid tokens that hold such a prefix and, after a token ending in
+a lone ED byte, tokens that start with A0-BF.
 """
 
 import functools
@@ -81,12 +84,13 @@ def _bitmask_row(vocab_size: int, forbidden: list[int]) -> torch.Tensor:
 
 class GrammarState:
     """One request's grammar: its compilation (a future), then its matcher."""
-    __slots__ = ("future", "matcher", "is_json")
+    __slots__ = ("future", "matcher", "is_json", "last_token")
 
     def __init__(self, future: Future, is_json: bool) -> None:
         self.future = future
         self.matcher = None
         self.is_json = is_json          # compact JSON: its rows also forbid control characters
+        self.last_token = -1            # the last token its matcher accepted
 
     def ready(self) -> bool:
         """Compiled (or failed): the scheduler may admit the request."""
@@ -104,8 +108,11 @@ class StructuredOutputManager:
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._batch = None
         self._failed: list = []         # requests whose compilation failed (appended by pool threads)
-        self._no_control = None         # a bitmask row without the tokens that hold control characters
-                                        # (its width is every bitmask's: the tokenizer's vocabulary)
+        self._json_guard = None         # a bitmask row without the tokens that hold control characters
+                                        # or a surrogate's prefix (its width is every bitmask's: the
+                                        # tokenizer's vocabulary)
+        self._after_lone_ed = None      # a row without the tokens that start with a byte A0-BF
+        self._ends_in_lone_ed: frozenset[int] = frozenset()
         self.num_requests = 0           # constrained sequences seen
         self.compile_time = 0.0         # seconds spent compiling grammars
         self.mask_time = 0.0            # seconds spent advancing matchers and filling bitmasks
@@ -168,9 +175,17 @@ class StructuredOutputManager:
                 info = xgr.TokenizerInfo.from_huggingface(tokenizer)
                 self._compiler = xgr.GrammarCompiler(info)
                 self._batch = xgr.BatchGrammarMatcher()
-                self._no_control = _bitmask_row(info.vocab_size, [
-                    i for i, text in enumerate(info.decoded_vocab) if any(byte < 0x20 for byte in text)]).numpy()
+                self._set_guards(info.vocab_size, info.decoded_vocab)
             return self._compiler
+
+    def _set_guards(self, vocab_size: int, vocab: list[bytes]) -> None:
+        """The JSON rows' extra masks, from each token's bytes (module docstring)."""
+        surrogate = re.compile(rb"\xed[\xa0-\xbf]")
+        self._json_guard = _bitmask_row(vocab_size, [
+            i for i, text in enumerate(vocab) if any(byte < 0x20 for byte in text) or surrogate.search(text)]).numpy()
+        self._after_lone_ed = _bitmask_row(vocab_size, [
+            i for i, text in enumerate(vocab) if text and 0xA0 <= text[0] <= 0xBF]).numpy()
+        self._ends_in_lone_ed = frozenset(i for i, text in enumerate(vocab) if text.endswith(b"\xed"))
 
     def _matcher(self, request):
         state = request.grammar
@@ -184,6 +199,8 @@ class StructuredOutputManager:
         grammar forbids the token."""
         start = time.perf_counter()
         accepted = self._batch.batch_accept_token([self._matcher(r) for r in requests], tokens)
+        for request, token in zip(requests, tokens):
+            request.grammar.last_token = token
         self.mask_time += time.perf_counter() - start
         return accepted
 
@@ -210,9 +227,12 @@ class StructuredOutputManager:
         if json_rows:   # numpy: one thread (torch's parallel ops would wake its pool on every step)
             words = bitmask.numpy()
             if len(json_rows) == len(requests):
-                np.bitwise_and(words, self._no_control, out=words)
+                np.bitwise_and(words, self._json_guard, out=words)
             else:
-                words[json_rows] &= self._no_control
+                words[json_rows] &= self._json_guard
+            for row in json_rows:
+                if requests[row].grammar.last_token in self._ends_in_lone_ed:
+                    words[row] &= self._after_lone_ed
         self.mask_time += time.perf_counter() - start
         return bitmask, rows
 
@@ -221,7 +241,7 @@ class StructuredOutputManager:
         the core fills a step's mask once the step before has returned its tokens, so that step's
         mask has been copied to the device."""
         if self._bitmask is None or len(self._bitmask) < n:
-            self._bitmask = torch.empty(max(n, 256), len(self._no_control), dtype=torch.int32,
+            self._bitmask = torch.empty(max(n, 256), len(self._json_guard), dtype=torch.int32,
                                         pin_memory=self._pin_memory)
         return self._bitmask[:n]
 
