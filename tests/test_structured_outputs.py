@@ -5,7 +5,7 @@ with the official `openai` SDK; the Hermes parser, the mask and the offline API 
 import asyncio
 import json
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import openai
 import pydantic
@@ -265,3 +265,24 @@ def test_json_rows_keep_surrogates_out_of_strings(smollm):
         matcher.accept_token(token)
     assert matcher.accept_token(byte_token[0xAF])
     manager.shutdown()
+
+
+def test_biased_towards_surrogates_outputs_still_validate(smollm):
+    """End to end: the model pushed (logit_bias) towards a lone ED byte and then towards A0-BF
+    bytes, inside strings with a maxLength. xgrammar alone lets the surrogates through (three U+FFFD
+    each once decoded, so the strings outgrow their maxLength); the JSON rows' guard keeps them out."""
+    decoded = xgr.TokenizerInfo.from_huggingface(smollm.llm_engine.tokenizer).decoded_vocab
+    bias = {decoded.index(bytes([0xED])): 12.0, **{decoded.index(bytes([b])): 8.0 for b in range(0xA0, 0xC0)}}
+
+    class Tags(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        tags: list[Annotated[str, pydantic.StringConstraints(max_length=6)]] = pydantic.Field(min_length=2, max_length=3)
+
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=0, logit_bias=bias,
+                            structured_outputs=StructuredOutputsParams(json=Tags.model_json_schema()))
+    outs = smollm.generate([f"Tags {i}:" for i in range(8)], params)
+    texts = [o.outputs[0].text for o in outs if o.outputs[0].finish_reason == "stop"]
+    assert len(texts) >= 4, [o.outputs[0].text for o in outs]
+    assert any(re.search("[\ud000-\ud7ff]", t) for t in texts), texts   # ED was taken, and completed validly
+    for text in texts:
+        Tags.model_validate_json(text)
