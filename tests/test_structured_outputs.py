@@ -276,7 +276,8 @@ def test_biased_towards_surrogates_outputs_still_validate(smollm):
 
     class Tags(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid")
-        tags: list[Annotated[str, pydantic.StringConstraints(max_length=6)]] = pydantic.Field(min_length=2, max_length=3)
+        tags: list[Annotated[str, pydantic.StringConstraints(max_length=6)]] = pydantic.Field(
+            min_length=2, max_length=3)
 
     params = SamplingParams(max_tokens=80, temperature=1.0, seed=0, logit_bias=bias,
                             structured_outputs=StructuredOutputsParams(json=Tags.model_json_schema()))

@@ -76,7 +76,8 @@ def cmd_structured(args: argparse.Namespace) -> None:
     local = not args.core_process     # the allocator's counts are this process's
     rows, result = [], {**res.environment(), "benchmark": "structured", "model": engine.config.model.model,
                         "num_prompts": args.num_prompts, "len_range": [lo, hi], "output_len": args.output_len,
-                        "temperature": args.temperature, "core_process": args.core_process, "schema": Record.model_json_schema(), "repeats": [],
+                        "temperature": args.temperature, "core_process": args.core_process,
+                        "schema": Record.model_json_schema(), "repeats": [],
                         "first_compile_s": engine.get_stats()["grammar_compile_time"]}
     for repeat in range(args.repeats):
         engine.reset_prefix_cache()

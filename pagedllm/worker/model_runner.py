@@ -238,9 +238,8 @@ class ModelRunner:
         """Flatten the step into per-token arrays and per-sequence lists (the per-step host hot
         path: the loop gathers token ids, numpy computes positions and slots for every token at
         once); also returns the indices of the requests that sample."""
-        input_ids, cu, seq_lens, logits_indices = [], [0], [], []
-        b = _Batch(None, None, None, cu, seq_lens, self.input_batch.block_table(requests), logits_indices)
-        sampling = []
+        input_ids, cu, seq_lens, logits_indices, sampling = [], [0], [], [], []
+        pending_at, pending_rows, prompt_rows, prompt_spans = [], [], [], []
         total = 0
         for index, (request, n, start) in enumerate(zip(requests, out.num_scheduled_tokens, out.num_computed_tokens)):
             if n == 1:
@@ -249,8 +248,8 @@ class ModelRunner:
                 input_ids.extend(request.tokens_in(start, start + n))
             total += n
             if input_ids[-1] == PLACEHOLDER:   # sampled by the step still in flight
-                b.pending_at.append(total - 1)
-                b.pending_rows.append(request.prev_row)
+                pending_at.append(total - 1)
+                pending_rows.append(request.prev_row)
             cu.append(total)
             seq_lens.append(start + n)
             if start + n == request.num_tokens:
@@ -259,15 +258,17 @@ class ModelRunner:
             if request.sampling_params.prompt_logprobs is not None:
                 scored = min(start + n, len(request.prompt_token_ids) - 1) - start
                 if scored > 0:
-                    b.prompt_spans.append((index, start, scored))
-                    b.prompt_rows.extend(range(total - n, total - n + scored))
-        b.input_ids = np.array(input_ids, dtype=np.int64)
+                    prompt_spans.append((index, start, scored))
+                    prompt_rows.extend(range(total - n, total - n + scored))
+        tables = self.input_batch.block_table(requests)
         counts = np.diff(cu)
         seq = np.repeat(np.arange(len(requests)), counts)
-        b.positions = np.arange(total, dtype=np.int64) + np.repeat(np.asarray(seq_lens) - counts - cu[:-1], counts)
+        positions = np.arange(total, dtype=np.int64) + np.repeat(np.asarray(seq_lens) - counts - cu[:-1], counts)
         bs = self.block_size
-        b.slot_mapping = b.block_tables[seq, b.positions // bs].astype(np.int64) * bs + b.positions % bs
-        return b, sampling
+        slots = tables[seq, positions // bs].astype(np.int64) * bs + positions % bs
+        return _Batch(np.array(input_ids, dtype=np.int64), positions, slots, cu, seq_lens, tables, logits_indices,
+                      prompt_rows=prompt_rows, prompt_spans=prompt_spans, pending_at=pending_at,
+                      pending_rows=pending_rows), sampling
 
     def _tensors(self, b: _Batch, tables: np.ndarray, single_lens: np.ndarray | None,
                  plan: SharedPrefixPlan | None):

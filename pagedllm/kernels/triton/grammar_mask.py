@@ -32,7 +32,8 @@ def _mask_kernel(logits_ptr, row_stride, bitmask_ptr, words_per_row, rows_ptr, v
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
     """logits [R, V] (rows contiguous), bitmask int32 [R, words] and rows int64 (the rows to mask),
     all on one device."""
-    assert logits.stride(1) == 1 and bitmask.is_contiguous() and bitmask.dtype == torch.int32 and rows.dtype == torch.int64
+    assert logits.stride(1) == 1 and bitmask.is_contiguous()
+    assert bitmask.dtype == torch.int32 and rows.dtype == torch.int64
     vocab = logits.shape[1]
     if len(rows):
         _mask_kernel[(len(rows), triton.cdiv(vocab, BLOCK))](logits, logits.stride(0), bitmask, bitmask.shape[1],
