@@ -32,6 +32,14 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
     return h.digest()
 
 
+def extend_block_hashes(hashes: list[bytes], tokens_in, num_full_blocks: int, block_size: int) -> None:
+    """Append the chained hashes of full blocks len(hashes)..num_full_blocks - 1, whose tokens
+    tokens_in(start, end) gives: the one rule for a block's identity (the router uses it too)."""
+    while len(hashes) < num_full_blocks:
+        i = len(hashes)
+        hashes.append(hash_block(hashes[-1] if hashes else None, tokens_in(i * block_size, (i + 1) * block_size)))
+
+
 class BlockPool:
     """Fixed set of blocks with ref counts, an LRU free queue and the hash -> block map."""
 
@@ -155,12 +163,8 @@ class KVCacheManager:
         return self._blocks
 
     def _update_hashes(self, request: Request) -> None:
-        bs = self.block_size
-        hashes = request.block_hashes
-        full_blocks = request.num_known_tokens // bs
-        while len(hashes) < full_blocks:
-            i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, request.tokens_in(i * bs, (i + 1) * bs)))
+        extend_block_hashes(request.block_hashes, request.tokens_in, request.num_known_tokens // self.block_size,
+                            self.block_size)
 
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """The longest run of leading full blocks already in the cache (never the whole prompt:

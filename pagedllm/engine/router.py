@@ -7,15 +7,15 @@ Policies (`--routing`):
   round-robin   each core in turn.
 
 What a core holds is known from the core itself: each core reports the chained block hashes its
-KV cache manager caches and evicts (the same hash_block), and the router adds the prompts it has
-sent there and not seen finish (their blocks are being computed there). Plain bookkeeping: no
-sockets, no clock.
+KV cache manager caches and evicts (kv_cache.extend_block_hashes, which hashes prompts here too),
+and the router adds the prompts it has sent there and not seen finish (their blocks are being
+computed there). Plain bookkeeping: no sockets, no clock.
 """
 
 import itertools
 from collections import Counter
 
-from pagedllm.engine.kv_cache import hash_block
+from pagedllm.engine.kv_cache import extend_block_hashes
 
 ROUTING_POLICIES = ("prefix", "least-loaded", "round-robin")
 # the prefix policy leaves affinity for the least-loaded core when the preferred one has more
@@ -27,8 +27,7 @@ BALANCE_REL = 0.5
 def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     """The chained hashes of the prompt's full blocks that a core could reuse (never the last token)."""
     hashes: list[bytes] = []
-    for i in range((len(token_ids) - 1) // block_size):
-        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * block_size:(i + 1) * block_size]))
+    extend_block_hashes(hashes, lambda start, end: token_ids[start:end], (len(token_ids) - 1) // block_size, block_size)
     return hashes
 
 
