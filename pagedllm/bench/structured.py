@@ -40,12 +40,10 @@ def _run(llm, prompts, params) -> tuple[list, float]:
     return outputs, time.perf_counter() - start
 
 
-def _allocator_counts(local: bool) -> tuple[int | None, int | None]:
+def _allocator_counts() -> tuple[int, int]:
     """The CUDA caching allocator's device allocations so far, and the times it had to give memory
-    back (synchronising) to allocate; None when the engine core runs in another process."""
+    back (synchronising) to allocate (this process's: the engine core's when it runs here)."""
     import torch
-    if not local:
-        return None, None
     stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
     return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
@@ -73,7 +71,6 @@ def cmd_structured(args: argparse.Namespace) -> None:
     # the batch sizes of a whole run's tail, as its requests finish one by one)
     _run(llm, prompts, constrained)
     _run(llm, prompts, SamplingParams(temperature=args.temperature, max_tokens=8, ignore_eos=True))
-    local = not args.core_process     # the allocator's counts are this process's
     rows, result = [], {**res.environment(), "benchmark": "structured", "model": engine.config.model.model,
                         "num_prompts": args.num_prompts, "len_range": [lo, hi], "output_len": args.output_len,
                         "temperature": args.temperature, "core_process": args.core_process,
@@ -81,10 +78,10 @@ def cmd_structured(args: argparse.Namespace) -> None:
                         "first_compile_s": engine.get_stats()["grammar_compile_time"]}
     for repeat in range(args.repeats):
         engine.reset_prefix_cache()
-        before, allocator = engine.get_stats(), _allocator_counts(local)
+        before, allocator = engine.get_stats(), _allocator_counts()
         outs, seconds = _run(llm, prompts, constrained)
-        after, allocator = engine.get_stats(), [b - a if a is not None else None
-                                                 for a, b in zip(allocator, _allocator_counts(local))]
+        after = engine.get_stats()
+        allocator = [None, None] if args.core_process else [b - a for a, b in zip(allocator, _allocator_counts())]
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
         invalid = [c for c in finished if not _valid(c.text)]
