@@ -7,6 +7,7 @@ kernel modules are imported, and the modules are reloaded if another test import
 
 import math
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -18,7 +19,10 @@ import pytest  # noqa: E402
 
 from pagedllm.kernels import torch_ref  # noqa: E402
 from pagedllm.kernels.triton import paged_attention as pa_mod  # noqa: E402
-from pagedllm.kernels.triton import store_kv as store_mod  # noqa: E402
+from pagedllm.kernels.triton import qk_rope_store as qk_rope_mod  # noqa: E402
+from pagedllm.layers.attention import QKVLayout, TorchBackend  # noqa: E402
+from pagedllm.layers.norm import RMSNorm  # noqa: E402
+from pagedllm.layers.rotary import RotaryEmbedding  # noqa: E402
 from tests.triton_interpreter import interpret, patch_interpreter  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -26,7 +30,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 
 if not ON_GPU:   # make sure the kernels really run under the interpreter on a CPU-only machine
     interpret(pa_mod, "_paged_attention_kernel")
-    interpret(store_mod, "_store_kv_kernel")
+    interpret(qk_rope_mod, "_qk_rope_store_kernel")
     patch_interpreter()
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
@@ -76,29 +80,47 @@ def _check(out, ref, dtype, valid_rows=None):
     torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.bfloat16, torch.bfloat16),
-                                                     (torch.float32, torch.float32),
-                                                     (torch.float32, torch.bfloat16)])
-def test_store_kv(src_dtype, cache_dtype):
-    gen = torch.Generator().manual_seed(0)
-    num_blocks, block_size, kvh, d = 8, 16, 3, 64
-    tokens = 21
-    # key/value as strided views of a fused qkv projection
-    qkv = torch.randn(tokens, (9 + 2 * kvh) * d, generator=gen).to(src_dtype).to(DEVICE)
-    key = qkv[:, 9 * d:(9 + kvh) * d].view(tokens, kvh, d)
-    value = qkv[:, (9 + kvh) * d:].view(tokens, kvh, d)
+# (heads, kv heads, head_dim, qk-norm, q/k/v dtype, cache dtype): SmolLM2-like (no norm), Qwen3-like,
+# a head_dim whose half is not a power of two, and an fp32 model with a bf16 pool. fp32 checks the
+# arithmetic tightly; bf16 rounds three times on the way (as the unfused steps store), and the CPU
+# interpreter rounds toward zero where torch rounds to nearest, so bf16 gets a few ulps.
+ROPE_STORE = [(9, 3, 64, False, torch.float32, torch.float32), (9, 3, 64, False, torch.bfloat16, torch.bfloat16),
+              (16, 8, 128, True, torch.bfloat16, torch.bfloat16), (4, 4, 80, True, torch.float32, torch.float32),
+              (4, 2, 64, True, torch.float32, torch.bfloat16)]
+ROPE_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=0.1, rtol=2 ** -5)}
+
+
+@pytest.mark.parametrize("heads,kvh,d,norm,dtype,cache_dtype", ROPE_STORE)
+def test_qk_rope_store_equals_the_unfused_steps(heads, kvh, d, norm, dtype, cache_dtype):
+    """One kernel == TorchBackend's steps (RMSNorm modules, RotaryEmbedding, torch_ref.store_kv):
+    q returned, k and v written to their slots and nowhere else, -1 slots skipped."""
+    gen = torch.Generator().manual_seed(heads * d)
+    num_blocks, block_size, tokens = 8, 16, 21
+    rotary = RotaryEmbedding(SimpleNamespace(rope_theta=1e6), d, 256).to(DEVICE)
+    norms = None
+    if norm:
+        norms = (RMSNorm(d, 1e-6), RMSNorm(d, 1e-6))
+        for n in norms:
+            n.weight.data = (1 + 0.5 * torch.randn(d, generator=gen)).to(dtype)
+        norms = tuple(n.to(DEVICE) for n in norms)
+    layout = QKVLayout(heads, kvh, d, rotary, norms)
+    qkv = torch.randn(tokens, (heads + 2 * kvh) * d, generator=gen).to(dtype).to(DEVICE)
+    positions = torch.randint(0, 256, (tokens,), generator=gen).to(DEVICE)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
     slots[[3, 10, 20]] = -1
-    slots = slots.to(DEVICE)
-    k_cache = torch.randn(num_blocks, block_size, kvh, d, generator=gen).to(cache_dtype).to(DEVICE)
-    v_cache = torch.randn(num_blocks, block_size, kvh, d, generator=gen).to(cache_dtype).to(DEVICE)
+    md = SimpleNamespace(slot_mapping=slots.to(DEVICE))
+    k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, cache_dtype, gen)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    torch_ref.store_kv(key, value, k_ref, v_ref, slots)
-    store_mod.store_kv(key, value, k_cache, v_cache, slots)
-    if src_dtype == cache_dtype:
-        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-    else:  # the CPU interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest: allow one ulp
-        torch.testing.assert_close(k_cache, k_ref, atol=0, rtol=2 ** -7)
+    q_ref = TorchBackend().rope_store(qkv, positions, layout, k_ref, v_ref, md)
+    q = qk_rope_mod.qk_rope_store(qkv, positions, rotary.cos, rotary.sin,
+                                  None if norms is None else (norms[0].weight, norms[1].weight), 1e-6, heads, kvh,
+                                  k_cache, v_cache, md.slot_mapping)
+    assert q.shape == (tokens, heads, d) and q.dtype == dtype
+    torch.testing.assert_close(q.cpu(), q_ref.cpu(), **ROPE_TOL[dtype])
+    torch.testing.assert_close(k_cache.cpu(), k_ref.cpu(), **ROPE_TOL[cache_dtype])
+    if dtype == cache_dtype:
+        assert torch.equal(v_cache, v_ref)
+    else:   # one ulp: the interpreter's rounding toward zero
         torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=2 ** -7)
 
 

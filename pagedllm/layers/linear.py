@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import TPGroup
+from pagedllm.layers.activation import silu_and_mul
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,15 @@ class Shard:
 SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except one row in half precision on a GPU (decode at batch 1) with small weights:
-    the skinny kernel streams those faster than cuBLAS's kernels do."""
-    if bias is None and x.is_cuda and x.dim() == 2 and x.dtype in SKINNY_DTYPES and x.stride(1) == 1:
-        skinny = _skinny_gemm()
-        if skinny.worth_it(x, weight):
-            return skinny.skinny_linear(x, weight)
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gated: bool = False) -> torch.Tensor:
+    """F.linear, except one row in half precision on a GPU (decode at batch 1): the skinny kernel
+    streams the weights faster than cuBLAS's kernels do. gated: x is [gate | up] and the input is
+    silu(gate) * up (the MLP's down projection), which the skinny kernel computes as it loads x."""
+    one_row = x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous()
+    if bias is None and x.is_cuda and one_row and x.dtype in SKINNY_DTYPES:
+        return _skinny_gemm().skinny_linear(x, weight, gated)
+    return F.linear(silu_and_mul(x) if gated else x, weight, bias)
 
 
 @functools.cache
@@ -108,8 +110,9 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias.weight_loader = copy_whole
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(linear(x, self.weight))
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """gated: x is [gate | up] of this rank's features, as the MLP's down projection gets it."""
+        y = self.tp.all_reduce(linear(x, self.weight, gated=gated))
         return y if self.bias is None else y + self.bias   # the bias once, after the sum
 
     def _load(self, param: torch.Tensor, tensor: torch.Tensor, shard: int | None = None) -> None:

@@ -13,12 +13,10 @@ fewer of them than ranks.
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import SINGLE, TPGroup
-from pagedllm.layers.attention import Attention, AttentionMetadata
-from pagedllm.layers.compile import fused_on_gpu
+from pagedllm.layers.attention import Attention, AttentionMetadata, QKVLayout
 from pagedllm.layers.embedding import VocabParallelEmbedding
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, copy_whole
 from pagedllm.layers.norm import RMSNorm
@@ -45,22 +43,16 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [Shard(heads * d, tp.size), kv, kv], tp, qkv_bias)
         self.shard_sizes = self.qkv_proj.shard_sizes
         self.o_proj = RowParallelLinear(heads * d, config.hidden_size, tp, getattr(config, "attention_bias", False))
-        self.qk_norm = qk_norm
+        norms = None
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
+            norms = (self.q_norm, self.k_norm)
+        layout = QKVLayout(self.num_heads, self.num_kv_heads, self.head_dim, rotary, norms)
+        self.attn = Attention(layout, backend)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split(self.shard_sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, md)
+        out = self.attn(positions, self.qkv_proj(hidden), md)
         return self.o_proj(out.flatten(1))
 
 
@@ -77,13 +69,7 @@ class MLP(nn.Module):
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
-@fused_on_gpu
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
 class DecoderLayer(nn.Module):

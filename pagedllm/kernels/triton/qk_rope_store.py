@@ -1,0 +1,91 @@
+"""From the fused q/k/v projection to what attention reads, in one launch: RMS-normalise each q and k
+head (Qwen3's qk-norm, optional), rotate both (rotate-half layout), write q out and k, v into the
+paged KV pool. Unfused, those were five kernels a layer (two norms, two rotary kernels, the store),
+each a microsecond or more of a decode step's fixed cost (docs/benchmarks.md)."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_rotate(row, heads, dims, mask, cos, sin, w_ptr, eps,
+                 HEAD_DIM: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
+    """Heads [HEADS_PAD, HALF] x 2 halves of one token: loaded, normalised (rounded as the unfused
+    norm stores them), rotated in fp32."""
+    x1 = tl.load(row + heads * HEAD_DIM + dims, mask=mask, other=0.0)
+    x2 = tl.load(row + heads * HEAD_DIM + HALF + dims, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(w_ptr + dims, mask=dims < HALF).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + dims, mask=dims < HALF).to(tl.float32)
+        x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _qk_rope_store_kernel(qkv_ptr, q_out_ptr, positions_ptr, cos_ptr, sin_ptr, q_w_ptr, k_w_ptr, eps,
+                          k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_qkv, stride_cos,
+                          stride_cb, stride_cs, stride_ch,
+                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+                          BLOCK_SIZE: tl.constexpr, NORM: tl.constexpr):
+    """One program per token."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, HALF_PAD)[None, :]
+    cos = tl.load(cos_ptr + pos * stride_cos + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_cos + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    row = qkv_ptr + token * stride_qkv
+
+    q_heads = tl.arange(0, Q_PAD)[:, None]
+    q_mask = (q_heads < NUM_HEADS) & (dims < HALF)
+    q1, q2 = _norm_rotate(row, q_heads, dims, q_mask, cos, sin, q_w_ptr, eps, HEAD_DIM, HALF, NORM)
+    q_out = q_out_ptr + token * (NUM_HEADS * HEAD_DIM) + q_heads * HEAD_DIM + dims
+    tl.store(q_out, q1.to(q_out_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(q_out + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=q_mask)
+
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        kv_heads = tl.arange(0, KV_PAD)[:, None]
+        kv_mask = (kv_heads < NUM_KV_HEADS) & (dims < HALF)
+        k_row = row + NUM_HEADS * HEAD_DIM
+        k1, k2 = _norm_rotate(k_row, kv_heads, dims, kv_mask, cos, sin, k_w_ptr, eps, HEAD_DIM, HALF, NORM)
+        at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_heads * stride_ch + dims
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + at, k1.to(q_out_ptr.dtype.element_ty).to(cache_dtype), mask=kv_mask)
+        tl.store(k_cache_ptr + at + HALF, k2.to(q_out_ptr.dtype.element_ty).to(cache_dtype), mask=kv_mask)
+        v_row = k_row + NUM_KV_HEADS * HEAD_DIM + kv_heads * HEAD_DIM + dims
+        tl.store(v_cache_ptr + at, tl.load(v_row, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+        tl.store(v_cache_ptr + at + HALF, tl.load(v_row + HALF, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+
+
+def qk_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  norm_weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float, num_heads: int,
+                  num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> torch.Tensor:
+    """qkv [T, (num_heads + 2 * num_kv_heads) * head_dim], rows contiguous; cos/sin [max_positions,
+    head_dim / 2]; norm_weights (q, k) [head_dim] or None; caches [blocks, block_size, kv_heads,
+    head_dim] (k and v alike). Returns q [T, num_heads, head_dim], normalised and rotated; k (so
+    treated) and v go to slot_mapping's slots (-1: not stored)."""
+    num_tokens = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    assert qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and qkv.stride(1) == 1
+    assert cos.is_contiguous() and sin.is_contiguous() and k_cache.stride() == v_cache.stride()
+    assert head_dim % 2 == 0 and k_cache.stride(-1) == 1
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens == 0:
+        return q
+    q_w, k_w = norm_weights if norm_weights is not None else (cos, cos)   # unread without NORM
+    _qk_rope_store_kernel[(num_tokens,)](
+        qkv, q, positions, cos, sin, q_w, k_w, eps, k_cache, v_cache, slot_mapping,
+        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        Q_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(num_kv_heads),
+        HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1], NORM=norm_weights is not None, num_warps=4)
+    return q
