@@ -15,7 +15,7 @@ the larger ones' memory:
           sequences go through the decode kernels with a plan instead (an empty one if none).
 Padding tokens store nothing (slot -1) and their output rows are never read; unused plan tiles
 have length 0. Inputs are copied into static buffers with one host-to-device transfer of every
-per-token and per-sequence list (two when there is a plan).
+per-token and per-sequence list and the block tables (two when there is a plan).
 """
 
 import logging
@@ -160,11 +160,11 @@ class CudaGraphs:
         num_tokens, num_seqs = len(batch.input_ids), len(batch.seq_lens)
         kind, size = self._pick(num_tokens, num_seqs, plan is not None)
         s = self.static
-        packed = [batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens]
+        packed = [batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, block_tables.ravel()]
         if kind == "mixed":
             packed.append(batch.cu_seqlens_q)
         parts = to_device(np.concatenate(packed), torch.int64, s.input_ids.device).split(
-            [num_tokens] * 3 + [num_seqs] + ([num_seqs + 1] if kind == "mixed" else []))
+            [num_tokens] * 3 + [num_seqs, block_tables.size] + ([num_seqs + 1] if kind == "mixed" else []))
         s.input_ids[:num_tokens].copy_(parts[0])
         fill_pending(s.input_ids, batch)
         s.positions[:num_tokens].copy_(parts[1])
@@ -172,11 +172,10 @@ class CudaGraphs:
         s.slot_mapping[num_tokens:size].fill_(-1)
         s.seq_lens[:num_seqs].copy_(parts[3])
         s.seq_lens[num_seqs:].fill_(0)
+        s.block_tables[:num_seqs, :block_tables.shape[1]].copy_(parts[4].view(block_tables.shape))
         if kind == "mixed":
-            s.cu_mixed[:num_seqs + 1].copy_(parts[4])
+            s.cu_mixed[:num_seqs + 1].copy_(parts[5])
             s.cu_mixed[num_seqs + 1:].fill_(num_tokens)
-        tables = to_device(block_tables, torch.int32, s.block_tables.device)
-        s.block_tables[:num_seqs, :tables.shape[1]].copy_(tables)
         if kind == "shared" or (kind == "mixed" and self.shared_tile_size):
             self._set_cascade(single_lens, plan, num_seqs)
         self.graphs[kind][size].replay()

@@ -33,6 +33,11 @@ from pagedllm.worker.transfer import to_device
 logger = logging.getLogger(__name__)
 
 
+def _is_range(values: list[int]) -> bool:
+    """values == [0, 1, ..., len - 1]."""
+    return values[-1] == len(values) - 1 and values == list(range(len(values)))
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()
@@ -290,11 +295,16 @@ class ModelRunner:
         return input_ids, positions, md
 
     def _fill_pending(self, input_ids: torch.Tensor, b: _Batch) -> None:
-        """Placeholders take the previous step's sampled tokens, device to device."""
-        if b.pending_at:
-            at = to_device(b.pending_at, torch.int64, self.device)
-            rows = to_device(b.pending_rows, torch.int64, self.device)
-            input_ids[at] = self._prev_tokens[rows]
+        """Placeholders take the previous step's sampled tokens, device to device: one copy when
+        token i takes sample i (decode steps of an unchanged batch), else one gather."""
+        n = len(b.pending_at)
+        if not n:
+            return
+        if _is_range(b.pending_at) and _is_range(b.pending_rows):
+            input_ids[:n].copy_(self._prev_tokens[:n])
+            return
+        at, rows = to_device(np.array([b.pending_at, b.pending_rows]), torch.int64, self.device)
+        input_ids[at] = self._prev_tokens[rows]
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> PendingStep:
@@ -359,6 +369,8 @@ class ModelRunner:
         rows = batch.logits_indices + batch.prompt_rows
         if not rows:
             return None
+        if _is_range(rows):   # decode steps: every token samples, no index to send
+            return self.model.compute_logits(hidden[:len(rows)])
         return self.model.compute_logits(hidden[to_device(rows, torch.int64, self.device)])
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
