@@ -74,11 +74,11 @@ def sweep_shape(name, n, k, configs):
         results[f"n{bn} k{bk} w{warps} s{stages}"] = us
     default = f"n{skinny_gemm.block_n(n)} k{skinny_gemm.BLOCK_K} w4 s3"
     best = sorted(results.items(), key=lambda kv: kv[1])
-    gb = n * k * 2 / 1e3
+    mb = n * k * 2 / 1e6
     print(f"\n{name} (N={n}, K={k}, {n * k * 2 / 2**20:.1f} MiB, {copies} copies): cuBLAS {results['cublas']:.2f} us"
-          f" ({gb / results['cublas']:.2f} TB/s); current {default}: {results.get(default, float('nan')):.2f} us")
+          f" ({mb / results['cublas']:.2f} TB/s); current {default}: {results.get(default, float('nan')):.2f} us")
     for key, us in best[:8]:
-        print(f"  {key:22} {us:7.2f} us  {gb / us:5.2f} TB/s")
+        print(f"  {key:22} {us:7.2f} us  {mb / us:5.2f} TB/s")
     del weights
     return {"shape": [n, k], "copies": copies, "us": results, "current": default}
 

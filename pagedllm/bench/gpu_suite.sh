@@ -2,10 +2,10 @@
 # The GPU benchmark suite (H100, Qwen3-0.6B bf16 with dummy weights: no checkpoint, no network).
 #   usage: bash pagedllm/bench/gpu_suite.sh OUT_DIR [STEP...]   (run from the repository root)
 # STEPs: latency prefix prefix-out10 prefix-hit75 throughput-nano serve-nano serve-profile step-profile
-# data-parallel (default: the first five; all together can outlast one 10-minute device command, so run
+# data-parallel latency-8b prefix-hit75-8b throughput-nano-8b (default: the first five; all together can outlast one 10-minute device command, so run
 # them in several calls). step-profile: wall vs GPU kernel time per decode step at batch 1 and 128, the
 # top kernels, the host's hot spots (benchmarks/step_profile.py, in its log); data-parallel: one engine
-# core against two behind the server (needs 2 GPUs: nvidia-h200-x2).
+# core against two behind the server (needs 2 GPUs: nvidia-h200-x2). The -8b steps run Qwen3-8B (dummy weights).
 # serve-nano: offline nano + latency, then the same requests through `pagedllm serve` with 1 and 2 API
 # processes, streamed and not (bench serve-vs-offline); serve-profile: py-spy of a live server. Writes OUT_DIR/STEP.{json,md,png}
 # and one log per step. Each step has its own time limit and a failing step does not stop the others.
@@ -57,12 +57,20 @@ step() {  # step NAME LIMIT_S CMD...
 
 step latency 90 "${CLI[@]}" latency "$MODEL" "${ENGINE[@]}" --input-len 512 --output-len 256 --repeats 5 \
   --output "$OUT/latency"
-PREFIX=("${CLI[@]}" prefix "$MODEL" "${ENGINE[@]}" --gpu-memory-utilization 0.45 --prefix-len 768 --unique-len 256)
+PREFIX_ARGS=("${ENGINE[@]}" --gpu-memory-utilization 0.45 --prefix-len 768 --unique-len 256)
+PREFIX=("${CLI[@]}" prefix "$MODEL" "${PREFIX_ARGS[@]}")
 step prefix 110 "${PREFIX[@]}" --num-prefixes 10 --per-prefix 10 --output-len 128 --output "$OUT/prefix"
 step prefix-out10 110 "${PREFIX[@]}" --num-prefixes 10 --per-prefix 10 --output-len 10 --output "$OUT/prefix-out10"
 step prefix-hit75 150 "${PREFIX[@]}" --num-prefixes 4 --per-prefix 50 --output-len 10 --output "$OUT/prefix-hit75"
 step throughput-nano 300 "${CLI[@]}" throughput "$MODEL" "${ENGINE[@]}" --workload nano --num-prompts 256 \
   --baseline hf --hf-batch-size 128 --hf-max-requests 128 --hf-timeout 100 --output "$OUT/throughput-nano"
+
+step latency-8b 90 "${CLI[@]}" latency Qwen/Qwen3-8B "${ENGINE[@]}" --input-len 512 --output-len 256 --repeats 5 \
+  --output "$OUT/latency-8b"
+step prefix-hit75-8b 150 "${CLI[@]}" prefix Qwen/Qwen3-8B "${PREFIX_ARGS[@]}" --num-prefixes 4 --per-prefix 50 \
+  --output-len 10 --output "$OUT/prefix-hit75-8b"
+step throughput-nano-8b 150 "${CLI[@]}" throughput Qwen/Qwen3-8B "${ENGINE[@]}" --workload nano --num-prompts 256 \
+  --output "$OUT/throughput-nano-8b"
 
 step serve-nano 420 "${CLI[@]}" serve-vs-offline "$MODEL" "${ENGINE[@]}" --api-server-counts 1 2 \
   --client-processes 4 --output "$OUT/serve-nano"

@@ -5,8 +5,8 @@ At batch 1 a decode step is little but reading every weight once, in GEMMs far t
 tiles. Here each program owns BLOCK_N output features and reads their rows of w in BLOCK_K chunks.
 The blocks come from a sweep on the H200 inside CUDA graphs (benchmarks/skinny_gemm_sweep.py,
 docs/benchmarks.md): one warp a program and many programs, so every SM holds many independent loads
-in flight; that beat cuBLAS on every layer of Qwen3-0.6B and Qwen3-8B (0.6B: 19 us a layer against
-25 for cuBLAS; 8B: 110 against 119).
+in flight; that beat cuBLAS on Qwen3-0.6B's and Qwen3-8B's layers (0.6B: 19 us a layer against 32 for
+cuBLAS; 8B: 110 against 113).
 """
 
 import torch
