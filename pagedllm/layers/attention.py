@@ -54,8 +54,8 @@ class QKVLayout:
 
     def split(self, qkv: torch.Tensor, positions: torch.Tensor):
         """The unfused steps: q [T, H, D] and k, v [T, KVH, D], q and k normalised and rotated."""
-        sizes = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
-        q, k, v = qkv.split(sizes, dim=-1)
+        kv = self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([self.num_heads * self.head_dim, kv, kv], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -129,13 +129,18 @@ class Attention(nn.Module):
     def __init__(self, layout: QKVLayout, backend) -> None:
         super().__init__()
         self.layout = layout
-        self.num_heads = layout.num_heads
-        self.num_kv_heads = layout.num_kv_heads
-        self.head_dim = layout.head_dim
         self.scale = layout.head_dim ** -0.5
         self.backend = backend
         self.k_cache = torch.empty(0)   # views into the pool, bound by the model runner
         self.v_cache = torch.empty(0)
+
+    @property
+    def num_heads(self) -> int:
+        return self.layout.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layout.num_kv_heads
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """qkv [T, (H + 2 KVH) * D], the fused projection's output -> [T, H, D]."""

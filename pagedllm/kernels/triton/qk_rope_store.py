@@ -87,5 +87,6 @@ def qk_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         Q_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(num_kv_heads),
-        HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1], NORM=norm_weights is not None, num_warps=4)
+        HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1],
+        NORM=norm_weights is not None, num_warps=4)
     return q
