@@ -20,7 +20,9 @@ import pytest  # noqa: E402
 from pagedllm.kernels import torch_ref  # noqa: E402
 from pagedllm.kernels.triton import paged_attention as pa_mod  # noqa: E402
 from pagedllm.kernels.triton import qk_rope_store as qk_rope_mod  # noqa: E402
+from pagedllm.kernels.triton import rms_norm as rms_norm_mod  # noqa: E402
 from pagedllm.layers.attention import QKVLayout, TorchBackend  # noqa: E402
+from pagedllm.layers import norm as norm_mod  # noqa: E402
 from pagedllm.layers.norm import RMSNorm  # noqa: E402
 from pagedllm.layers.rotary import RotaryEmbedding  # noqa: E402
 from tests.triton_interpreter import interpret, patch_interpreter  # noqa: E402
@@ -31,6 +33,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 if not ON_GPU:   # make sure the kernels really run under the interpreter on a CPU-only machine
     interpret(pa_mod, "_paged_attention_kernel")
     interpret(qk_rope_mod, "_qk_rope_store_kernel")
+    interpret(rms_norm_mod, "_rms_norm_kernel")
     patch_interpreter()
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
@@ -122,6 +125,24 @@ def test_qk_rope_store_equals_the_unfused_steps(heads, kvh, d, norm, dtype, cach
         assert torch.equal(v_cache, v_ref)
     else:   # one ulp: the interpreter's rounding toward zero
         torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("hidden,dtype", [(64, torch.float32), (1000, torch.bfloat16), (96, torch.float16)])
+def test_rms_norm_equals_torch(hidden, dtype):
+    """The kernel == RMSNorm's torch ops, alone and after the residual add (whose sum it returns);
+    rows of a strided x (a slice), a hidden size that is not a power of 2."""
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(7, hidden + 8, generator=gen).to(dtype).to(DEVICE)[:, :hidden]
+    residual = torch.randn(7, hidden, generator=gen).to(dtype).to(DEVICE)
+    weight = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+    tol = {**ROPE_TOL, torch.float16: dict(atol=1e-2, rtol=2 ** -8)}[dtype]   # a few ulps (interpreter)
+    expected = norm_mod._rms_norm.__wrapped__(x, weight, 1e-6)
+    torch.testing.assert_close(rms_norm_mod.rms_norm(x, weight, 1e-6), expected, **tol)
+    out, summed = rms_norm_mod.rms_norm(x, weight, 1e-6, residual)
+    expected, expected_sum = norm_mod._add_rms_norm.__wrapped__(x, residual, weight, 1e-6)
+    assert out.dtype == expected.dtype and summed.dtype == dtype
+    torch.testing.assert_close(summed, expected_sum, **tol)
+    torch.testing.assert_close(out, expected, **tol)
 
 
 # Mixed batch: (query tokens, cached prefix). Fresh prefills, chunks on a cached prefix, decodes of

@@ -1,5 +1,7 @@
 """RMSNorm, optionally fused with the residual add that precedes it in every decoder layer."""
 
+import functools
+
 import torch
 from torch import nn
 
@@ -7,7 +9,7 @@ from pagedllm.layers.compile import fused_on_gpu
 
 
 @fused_on_gpu
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -15,9 +17,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @fused_on_gpu
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     x = x + residual
-    return rms_norm.__wrapped__(x, weight, eps), x
+    return _rms_norm.__wrapped__(x, weight, eps), x
+
+
+@functools.cache
+def _triton_rms_norm():
+    """The kernel's module, imported once (Triton is there only where CUDA is)."""
+    from pagedllm.kernels.triton import rms_norm
+    return rms_norm
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """norm(x) * weight, or with a residual (norm(x + residual) * weight, x + residual). Rows of
+    hidden states on a GPU take the Triton kernel; anything else the torch ops above."""
+    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
+        return _triton_rms_norm().rms_norm(x, weight, eps, residual)
+    return _rms_norm(x, weight, eps) if residual is None else _add_rms_norm(x, residual, weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -28,6 +45,4 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With a residual: returns (norm(x + residual), x + residual), as the next layer needs both."""
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, residual)

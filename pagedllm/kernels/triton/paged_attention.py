@@ -23,6 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.kernels.triton import pdl
+from pagedllm.kernels.triton.pdl import wait_for_inputs
+
 _LOG2E = 1.4426950408889634
 
 
@@ -224,12 +227,13 @@ def _decode_split_kernel(
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ROWS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Grid (B, kv heads, NUM_SPLITS). A program attends the GROUP query heads of one KV head (padded
     to BLOCK_H >= 16 rows for tl.dot) to its split of the context after the sequence's shared
     prefix (positions shared_lens[seq].., see _shared_prefix_kernel) and writes the partial row max
     (log2 domain), softmax denominator and unnormalised output. Splits past the end write nothing.
     The query is row q_rows[seq] of q with HAS_ROWS (a mixed step's single tokens), else row seq."""
+    wait_for_inputs(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -268,13 +272,14 @@ def _shared_prefix_kernel(
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
         TILE_SEQS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_ROWS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Cascade attention's first level. Grid (tiles, kv heads, PREFIX_SPLITS). A tile is up to
     TILE_SEQS decoding sequences whose block tables start with the same tile_lens[tile] positions
     (a cached prefix they share): their query rows (TILE_SEQS x GROUP, row m = sequence m // GROUP,
     head m % GROUP) sweep that prefix together, so each K/V tile is read once for all of them
     instead of once per sequence. Partials go to slots NUM_SPLITS.. of each sequence, beside the
     split kernel's; unused tiles have length 0 and exit."""
+    wait_for_inputs(PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -313,10 +318,11 @@ def _decode_reduce_kernel(
         stride_oh,
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
-        SLOTS_PAD: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ROWS: tl.constexpr):
+        SLOTS_PAD: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ROWS: tl.constexpr, PDL: tl.constexpr):
     """Grid (B, heads): rescale each written partial (the splits after the shared prefix, then
     the shared prefix's splits) by exp2(m_slot - m_max) and normalise. A sequence with seq_len 0
     has no written partial and gets a zero row, unless HAS_ROWS (its row is another kernel's)."""
+    wait_for_inputs(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -403,23 +409,23 @@ def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, sc
     shapes = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, GROUP=group, BLOCK_SIZE=k_cache.shape[1],
                   BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_SLOTS=num_slots, HAS_ROWS=has_rows,
                   DOT_PRECISION=_dot_precision(query.dtype))
+    chained = pdl.enabled(query.device)
+    launch = dict(PDL=chained, num_warps=num_warps, num_stages=num_stages, launch_pdl=chained)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         query, k_cache, v_cache, seq_lens, shared_lens, query_rows, block_tables,
         part_m, part_l, part_acc, scale * _LOG2E, *strides, **shapes,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), HAS_SHARED=has_shared,
-        num_warps=num_warps, num_stages=num_stages)
+        BLOCK_H=max(16, triton.next_power_of_2(group)), HAS_SHARED=has_shared, **launch)
     if has_shared and tile_lens.shape[0] > 0:
         tile_size = tile_seqs.shape[1]
         _shared_prefix_kernel[(tile_lens.shape[0], num_kv_heads, prefix_splits)](
             query, k_cache, v_cache, query_rows, block_tables, tile_seqs, tile_lens, part_m, part_l, part_acc,
             scale * _LOG2E, *strides, **shapes, TILE_SEQS=tile_size,
-            BLOCK_M=max(16, triton.next_power_of_2(tile_size * group)), PREFIX_SPLITS=prefix_splits,
-            num_warps=num_warps, num_stages=num_stages)
+            BLOCK_M=max(16, triton.next_power_of_2(tile_size * group)), PREFIX_SPLITS=prefix_splits, **launch)
     _decode_reduce_kernel[(batch, num_heads)](
         part_m, part_l, part_acc, seq_lens, shared_lens, query_rows, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         PREFIX_SPLITS=prefix_splits, NUM_SLOTS=num_slots, SLOTS_PAD=triton.next_power_of_2(num_slots),
-        HAS_SHARED=has_shared, HAS_ROWS=has_rows, num_warps=4)
+        HAS_SHARED=has_shared, HAS_ROWS=has_rows, PDL=chained, num_warps=4, launch_pdl=chained)
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

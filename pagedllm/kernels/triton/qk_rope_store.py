@@ -7,6 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.kernels.triton import pdl
+from pagedllm.kernels.triton.pdl import wait_for_inputs
+
 
 @triton.jit
 def _norm_rotate(row, heads, dims, mask, cos, sin, w_ptr, eps,
@@ -33,9 +36,10 @@ def _qk_rope_store_kernel(qkv_ptr, q_out_ptr, positions_ptr, cos_ptr, sin_ptr, q
                           stride_cb, stride_cs, stride_ch,
                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                           Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr, NORM: tl.constexpr):
+                          BLOCK_SIZE: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
     """One program per token."""
     HALF: tl.constexpr = HEAD_DIM // 2
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF_PAD)[None, :]
@@ -82,11 +86,12 @@ def qk_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     if num_tokens == 0:
         return q
     q_w, k_w = norm_weights if norm_weights is not None else (cos, cos)   # unread without NORM
+    chained = pdl.enabled(qkv.device)
     _qk_rope_store_kernel[(num_tokens,)](
         qkv, q, positions, cos, sin, q_w, k_w, eps, k_cache, v_cache, slot_mapping,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         Q_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(num_kv_heads),
         HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1],
-        NORM=norm_weights is not None, num_warps=4)
+        NORM=norm_weights is not None, PDL=chained, num_warps=4, launch_pdl=chained)
     return q
