@@ -20,34 +20,29 @@ BLOCK_K = 1024
 
 
 @triton.jit
-def _chunk_product(x_ptr, w, ks, K, GATED: tl.constexpr):
-    """w [BLOCK_N, BLOCK_K] (the rows' K chunk ks) times that chunk of x, summed along K, in fp32.
-    GATED: x holds [gate | up] (2K values) and the chunk multiplied is silu(gate) * up, rounded
-    to x's dtype as the unfused op would store it."""
-    in_k = ks < K
-    x = tl.load(x_ptr + ks, mask=in_k, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.load(x_ptr + K + ks, mask=in_k, other=0.0).to(tl.float32)
-        x = (x * tl.sigmoid(x) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-    return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-
-
-@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
-    """Program n: y[n * BLOCK_N : +BLOCK_N]. The first chunk of weights is loaded before waiting
-    for x (pdl.py): with PDL that read overlaps the previous kernel's end."""
+    """Program n: y[n * BLOCK_N : +BLOCK_N]. GATED: x holds [gate | up] (2K values) and the row
+    multiplied is silu(gate) * up, rounded to x's dtype as the unfused op would store it. The
+    first chunk of weights is loaded before waiting for x (pdl.py), each next one before the
+    current one is used."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
     row_ok = cols[:, None] < N
-    ks = tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows + ks[None, :], mask=row_ok & (ks < K)[None, :], other=0.0)
+    offs = tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows + offs[None, :], mask=row_ok & (offs < K)[None, :], other=0.0)
     wait_for_inputs(PDL)
-    acc = _chunk_product(x_ptr, w, ks, K, GATED)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + ks[None, :], mask=row_ok & (ks < K)[None, :], other=0.0)
-        acc += _chunk_product(x_ptr, w, ks, K, GATED)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs
+        in_k = ks < K
+        w_next = tl.load(w_rows + BLOCK_K + ks[None, :], mask=row_ok & (ks + BLOCK_K < K)[None, :], other=0.0)
+        x = tl.load(x_ptr + ks, mask=in_k, other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.load(x_ptr + K + ks, mask=in_k, other=0.0).to(tl.float32)
+            x = (x * tl.sigmoid(x) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        w = w_next
     tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=cols < N)
 
 
