@@ -12,14 +12,18 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.core_types import NewRequestData, SchedulerOutput
+from pagedllm.engine.engine_args import EngineArgs
 from pagedllm.distributed.parallel_state import TPGroup
 from pagedllm.layers.embedding import VocabParallelEmbedding
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard
+from pagedllm.worker.model_runner import ModelRunner
 from server_fixtures import descendants, start_server, wait_gone
 from tests.conftest import assert_no_leaks, random_prompts
 from tests.test_invariance import shared_prefix_prompts
@@ -67,6 +71,72 @@ def test_row_layer_and_padded_vocabulary_pieces():
         rows.append(emb.weight.data)
     assert torch.equal(torch.cat(rows)[:10], table)
     assert not torch.cat(rows)[10:].any()
+
+
+# ---- what the other ranks receive ----------------------------------------------------------------
+
+class _RankZero:
+    """Rank 0's group, in one process: records what it broadcasts (the model stays single-rank)."""
+    size, rank = 2, 0
+
+    def __init__(self):
+        self.sent = []
+
+    def broadcast_object(self, obj=None):
+        self.sent.append(obj)
+        return obj
+
+    def broadcast(self, x):
+        return x
+
+
+def _recording_prepare(runner, batches):
+    prepare = runner._prepare
+
+    def recorded(out, requests):
+        batch, sampling = prepare(out, requests)
+        batches.append(batch)
+        return batch, sampling
+    runner._prepare = recorded
+
+
+def test_other_ranks_flatten_each_step_from_the_diff_as_rank_zero_does(tiny_models):
+    """A runner fed only rank 0's broadcasts (the scheduler's diff and the tokens read back)
+    builds the same batch as rank 0 in every step, also for a request left out of a step after it
+    sampled: rank 0 feeds it the value read back meanwhile, where the other rank's copy held a
+    placeholder whose device row is gone."""
+    path, _ = tiny_models["qwen3"]
+    config, source = EngineArgs(model=path, max_model_len=64, kv_cache_memory=4 << 20).create_config()
+    rank0, other = ModelRunner(config, source), ModelRunner(config, source)
+    rank0.tp = _RankZero()
+    other.tp = SimpleNamespace(size=2, rank=1, broadcast=lambda x: x.copy_(rank0._prev_tokens))
+    batches0, batches1 = [], []
+    _recording_prepare(rank0, batches0)
+    _recording_prepare(other, batches1)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    steps = [
+        SchedulerOutput(request_ids=["a", "b"], num_scheduled_tokens=[5, 3], num_computed_tokens=[0, 0],
+                        new_requests=[NewRequestData("a", [1, 2, 3, 4, 5], params, [1], []),
+                                      NewRequestData("b", [6, 7, 8], params, [2], [])]),
+        SchedulerOutput(request_ids=["a"], num_scheduled_tokens=[1], num_computed_tokens=[5]),   # b sits out
+        SchedulerOutput(request_ids=["a", "b"], num_scheduled_tokens=[1, 1], num_computed_tokens=[6, 3]),
+    ]
+    in_flight = None
+    for out in steps:                          # as EngineCore.step: issue a step, then read the last one
+        pending = rank0.execute_model(out)
+        other.run_worker_step(*rank0.tp.sent[-1])
+        if in_flight is not None:
+            in_flight.result()
+        in_flight = pending
+    in_flight.result()
+    assert rank0.tp.sent[-1][1], "step 3's broadcast carries the values read back"
+    b_input = batches0[2].input_ids[1]
+    assert b_input == rank0.input_batch.requests["b"].output_token_ids[0] and b_input >= 0
+    for mine, theirs in zip(batches0, batches1, strict=True):
+        for name in ("input_ids", "positions", "slot_mapping", "block_tables"):
+            assert (getattr(mine, name) == getattr(theirs, name)).all(), name
+        for name in ("cu_seqlens_q", "seq_lens", "logits_indices", "pending_at", "pending_rows"):
+            assert getattr(mine, name) == getattr(theirs, name), name
 
 
 # ---- whole engines over gloo ----------------------------------------------------------------------
@@ -143,6 +213,8 @@ def test_a_dying_rank_stops_every_process(tiny_models):
     script = textwrap.dedent(f"""
         import os, signal, time
         from pagedllm import LLM, SamplingParams
+from pagedllm.core_types import NewRequestData, SchedulerOutput
+from pagedllm.engine.engine_args import EngineArgs
         llm = LLM({path!r}, max_model_len=128, tensor_parallel_size=2, kv_cache_memory=16 << 20)
         pids = llm.llm_engine.model_info()["worker_pids"]
         print("workers", *pids, flush=True)

@@ -4,9 +4,11 @@ Owns the model, the KV pool's memory, the sampler and the worker's copy of the r
 (worker/input_batch.py), which each step's SchedulerOutput updates. On CUDA it sizes the pool from
 a profiled max-size step and runs steps through CUDA graphs (worker/cuda_graphs.py).
 
-With tensor parallelism every rank has a ModelRunner over its share of the model. Rank 0 (the
-engine core's) flattens each step into a _Batch and broadcasts it; the other ranks run the same
-forward through run_worker_step, so their collectives pair up, and take rank 0's sampled tokens.
+With tensor parallelism every rank has a ModelRunner over its share of the model and its own
+InputBatch. Rank 0 (the engine core's) broadcasts each step's SchedulerOutput (the diff) with the
+sampled values it has read back since the last step; the other ranks apply both, flatten the step
+as rank 0 does and run the same forward through run_worker_step, so their collectives pair up, and
+take rank 0's sampled tokens on the device as their next inputs.
 """
 
 import contextlib
@@ -31,6 +33,15 @@ from pagedllm.worker.shared_prefix import SharedPrefixPlan, plan_shared_prefixes
 from pagedllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
+
+
+def _append_placeholders(sampling: list[CachedRequestState]) -> list[int]:
+    """Each sampling request's next token is row i of the step's samples, known on the host only
+    once the step is read back; returns the indices of the placeholders in the output tokens."""
+    for row, request in enumerate(sampling):
+        request.output_token_ids.append(PLACEHOLDER)
+        request.prev_row = row
+    return [len(r.output_token_ids) - 1 for r in sampling]
 
 
 def _is_range(values: list[int]) -> bool:
@@ -89,9 +100,10 @@ class PendingStep:
     waits for its token bitmask (needs_bitmask): its forward is on the device, and sample() issues
     the sampling once the engine core has the previous step's tokens and so the masks."""
 
-    def __init__(self, sampling: list[CachedRequestState], prompt_logprobs: dict) -> None:
+    def __init__(self, sampling: list[CachedRequestState], prompt_logprobs: dict, on_tokens=None) -> None:
         self.sampling = sampling        # the requests that sample, each to end in this step's PLACEHOLDER
         self.prompt_logprobs = prompt_logprobs
+        self.on_tokens = on_tokens      # with TP: told the values written over the placeholders
         self.tokens = None              # host tensor (pinned on CUDA), filled asynchronously
         self.logprobs = None            # None or (top-N per row, host tensors) likewise
         self.event = None
@@ -118,6 +130,8 @@ class PendingStep:
             out.sampled_token_ids = self.tokens.tolist()
             for request, index, token in zip(self.sampling, self.indices, out.sampled_token_ids):
                 request.output_token_ids[index] = token
+            if self.on_tokens is not None:
+                self.on_tokens(self.sampling, self.indices, out.sampled_token_ids)
         if self.logprobs is not None:
             wanted, tensors = self.logprobs
             chosen, ranks, top_ids, top_values = (t.tolist() for t in tensors)
@@ -150,6 +164,7 @@ class ModelRunner:
         self.sampler = Sampler(self.hf_config.vocab_size, config.scheduler.eos_token_ids)
         self.input_batch = InputBatch(-(-self.max_model_len // self.block_size))
         self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._read_back: list[tuple[str, int, int]] = []   # rank 0 with TP: for the next broadcast
         self.graphs: CudaGraphs | None = None
         self.num_blocks = self._size_pool()
         self.capacity = memory.log_capacity(config.model, config.cache, self.num_blocks)
@@ -314,11 +329,14 @@ class ModelRunner:
         requests = self.input_batch.apply(out)
         batch, sampling_index = self._prepare(out, requests)
         self.in_step = True
-        self.tp.broadcast_object(batch)
+        if self.tp.size > 1:
+            self.tp.broadcast_object((out, self._read_back))
+            self._read_back = []
         logits = self._execute(batch)
         sampling = [requests[i] for i in sampling_index]
         pending = PendingStep(sampling, self._prompt_logprobs(
-            requests, batch, logits[len(sampling):] if batch.prompt_rows else None))
+            requests, batch, logits[len(sampling):] if batch.prompt_rows else None),
+            self._note_read_back if self.tp.size > 1 else None)
         if any(r.sampling_params.structured_outputs is not None for r in sampling):
             pending._sample = lambda bitmask, rows: self._sample(pending, logits, bitmask, rows)
         else:
@@ -336,10 +354,7 @@ class ModelRunner:
             sampling_rows = [self._sampling_row(request) for request in sampling]
             sample = self.sampler(logits, sampling_rows, self._prev_tokens)
             self._prev_tokens = self.tp.broadcast(sample.token_ids)   # the other ranks' next inputs
-            for row, request in enumerate(sampling):
-                request.output_token_ids.append(PLACEHOLDER)
-                request.prev_row = row
-            pending.indices = [len(r.output_token_ids) - 1 for r in sampling]
+            pending.indices = _append_placeholders(sampling)
             pending.tokens = _to_host(sample.token_ids)
             if sample.logprobs is not None:
                 pending.logprobs = ([r.params.logprobs for r in sampling_rows], [_to_host(t) for t in sample.logprobs])
@@ -348,14 +363,29 @@ class ModelRunner:
             pending.event = torch.cuda.Event()
             pending.event.record()
 
+    def _note_read_back(self, requests: list[CachedRequestState], indices: list[int], tokens: list[int]) -> None:
+        """Rank 0: sampled values just written over placeholders, for the other ranks' copies. Only
+        for requests still current: one re-sent (preempted) or dropped since has a new copy, or none."""
+        current = self.input_batch.requests
+        self._read_back.extend((r.request_id, i, t) for r, i, t in zip(requests, indices, tokens)
+                               if current.get(r.request_id) is r)
+
     @torch.inference_mode()
-    def run_worker_step(self, batch: _Batch) -> None:
-        """A rank other than 0 runs rank 0's step: the same forward and logits (their collectives
-        pair with rank 0's), then rank 0's sampled tokens become this rank's next inputs."""
+    def run_worker_step(self, out: SchedulerOutput, read_back: list[tuple[str, int, int]]) -> None:
+        """A rank other than 0 runs rank 0's step. Its requests take the values rank 0 read back
+        before this step's diff (rank 0 wrote them before applying it), so both flatten the same
+        batch; the same forward and logits follow (their collectives pair with rank 0's), then
+        rank 0's sampled tokens become this rank's next inputs, placeholders here as there."""
+        requests = self.input_batch.requests
+        for request_id, index, token in read_back:
+            requests[request_id].output_token_ids[index] = token
+        requests = self.input_batch.apply(out)
+        batch, sampling_index = self._prepare(out, requests)
         self._execute(batch)
-        if batch.logits_indices:
-            tokens = torch.empty(len(batch.logits_indices), dtype=torch.int64, device=self.device)
+        if sampling_index:
+            tokens = torch.empty(len(sampling_index), dtype=torch.int64, device=self.device)
             self._prev_tokens = self.tp.broadcast(tokens)
+            _append_placeholders([requests[i] for i in sampling_index])
 
     def shutdown(self) -> None:
         """Tell the other ranks to stop (they wait for the next step's batch), unless a step was

@@ -1,9 +1,10 @@
 """A tensor-parallel rank other than 0: `python -m pagedllm.worker.tp_workers`, started by
 executor/tensor_parallel.py with its arguments on stdin.
 
-It builds a ModelRunner over its share of the model, then runs every step rank 0 broadcasts until
-rank 0 sends None. It ignores SIGINT (Ctrl-C reaches the whole process group) and exits by itself
-when its parent, the engine core's process, is gone.
+It builds a ModelRunner over its share of the model, then runs every step rank 0 broadcasts (the
+scheduler's diff and the tokens read back since the last one) until rank 0 sends None. It ignores
+SIGINT (Ctrl-C reaches the whole process group) and exits by itself when its parent, the engine
+core's process, is gone.
 """
 
 import faulthandler
@@ -38,8 +39,8 @@ def _worker_main(rank: int, config: EngineConfig, source: ModelSource, port: int
     share_cpu_cores(device_type, size)
     tp = parallel_state.init_group(rank, size, port, device_type)
     runner = ModelRunner(config, source, tp)
-    while (batch := tp.broadcast_object()) is not None:
-        runner.run_worker_step(batch)
+    while (step := tp.broadcast_object()) is not None:
+        runner.run_worker_step(*step)
     parallel_state.destroy_group()
 
 
