@@ -127,6 +127,17 @@ def test_qk_rope_store_equals_the_unfused_steps(heads, kvh, d, norm, dtype, cach
         torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=2 ** -7)
 
 
+def test_programmatic_dependent_launch_only_on_hopper_or_later():
+    """No launch option where PDL cannot run (the CPU interpreter, GPUs before sm90), and never when unwanted."""
+    from pagedllm.kernels.triton import pdl
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    if ON_GPU:
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        on = {"PDL": True, "launch_pdl": True} if hopper else {"PDL": False}
+        assert pdl.launch_options(torch.device("cuda")) == on
+        assert pdl.launch_options(torch.device("cuda"), wanted=False) == {"PDL": False}
+
+
 @pytest.mark.parametrize("hidden,dtype", [(64, torch.float32), (1000, torch.bfloat16), (96, torch.float16)])
 def test_rms_norm_equals_torch(hidden, dtype):
     """The kernel == RMSNorm's torch ops, alone and after the residual add (whose sum it returns);

@@ -409,8 +409,8 @@ def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, sc
     shapes = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, GROUP=group, BLOCK_SIZE=k_cache.shape[1],
                   BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_SLOTS=num_slots, HAS_ROWS=has_rows,
                   DOT_PRECISION=_dot_precision(query.dtype))
-    chained = pdl.enabled(query.device)
-    launch = dict(PDL=chained, num_warps=num_warps, num_stages=num_stages, launch_pdl=chained)
+    chained = pdl.launch_options(query.device)
+    launch = dict(num_warps=num_warps, num_stages=num_stages, **chained)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         query, k_cache, v_cache, seq_lens, shared_lens, query_rows, block_tables,
         part_m, part_l, part_acc, scale * _LOG2E, *strides, **shapes,
@@ -425,7 +425,7 @@ def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, sc
         part_m, part_l, part_acc, seq_lens, shared_lens, query_rows, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         PREFIX_SPLITS=prefix_splits, NUM_SLOTS=num_slots, SLOTS_PAD=triton.next_power_of_2(num_slots),
-        HAS_SHARED=has_shared, HAS_ROWS=has_rows, PDL=chained, num_warps=4, launch_pdl=chained)
+        HAS_SHARED=has_shared, HAS_ROWS=has_rows, num_warps=4, **chained)
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

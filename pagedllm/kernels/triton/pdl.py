@@ -14,14 +14,25 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:     # an older Triton, without grid dependency control: kernels launch as before
+    gdc_launch_dependents = gdc_wait = None
 
 
 @functools.lru_cache(maxsize=None)
 def enabled(device: torch.device) -> bool:
-    """On CUDA devices of compute capability 9.0 or more (never under the CPU interpreter, which
-    has no grid dependency control)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """On CUDA devices of compute capability 9.0 or more, with a Triton that has it (never under
+    the CPU interpreter, which has no grid dependency control)."""
+    return (gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def launch_options(device: torch.device, wanted: bool = True) -> dict:
+    """A kernel's PDL constexpr, and the launch option where PDL is on (an older Triton knows no
+    such option)."""
+    return {"PDL": True, "launch_pdl": True} if wanted and enabled(device) else {"PDL": False}
 
 
 @triton.jit

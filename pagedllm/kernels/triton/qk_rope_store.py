@@ -86,12 +86,11 @@ def qk_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     if num_tokens == 0:
         return q
     q_w, k_w = norm_weights if norm_weights is not None else (cos, cos)   # unread without NORM
-    chained = pdl.enabled(qkv.device)
     _qk_rope_store_kernel[(num_tokens,)](
         qkv, q, positions, cos, sin, q_w, k_w, eps, k_cache, v_cache, slot_mapping,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         Q_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(num_kv_heads),
         HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1],
-        NORM=norm_weights is not None, PDL=chained, num_warps=4, launch_pdl=chained)
+        NORM=norm_weights is not None, num_warps=4, **pdl.launch_options(qkv.device))
     return q

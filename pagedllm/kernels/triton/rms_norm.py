@@ -46,10 +46,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if residual is not None:
         assert residual.shape == x.shape and residual.stride(1) == 1 and residual.dtype == x.dtype
     block = triton.next_power_of_2(hidden)
-    chained = tokens == 1 and pdl.enabled(x.device)
     if tokens > 0:
         _rms_norm_kernel[(tokens,)](x, x if residual is None else residual, weight, out, summed, eps, hidden,
                                     x.stride(0), 0 if residual is None else residual.stride(0), BLOCK=block,
-                                    HAS_RESIDUAL=residual is not None, PDL=chained,
-                                    num_warps=min(16, max(1, block // 256)), launch_pdl=chained)
+                                    HAS_RESIDUAL=residual is not None, num_warps=min(16, max(1, block // 256)),
+                                    **pdl.launch_options(x.device, wanted=tokens == 1))
     return out if residual is None else (out, summed)

@@ -57,8 +57,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torc
     assert x.shape == (1, 2 * k if gated else k) and x.is_contiguous() and w.is_contiguous()
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     width = block_n(k)
-    chained = pdl.enabled(x.device)
     _skinny_kernel[(triton.cdiv(n, width),)](x, w, y, n, k, w.stride(0), BLOCK_N=width, BLOCK_K=BLOCK_K,
-                                             GATED=gated, PDL=chained, num_warps=1, num_stages=1,
-                                             launch_pdl=chained)
+                                             GATED=gated, num_warps=1, num_stages=1,
+                                             **pdl.launch_options(x.device))
     return y
