@@ -1,7 +1,9 @@
-"""Where a batch-1 decode step's host time goes: wall ms per step in each engine phase and in the
-model runner's calls (structured_profile.py's wrappers), 512 prompt tokens and 256 new ones, with the
-fused sampler (temperature 0.6) and with argmax (temperature 0). A development tool for a GPU:
-`python benchmarks/batch1_phases.py --tokenizer DIR [MODEL]` (default Qwen/Qwen3-0.6B, dummy weights)."""
+"""Where a step's host time goes: wall ms per step in each engine phase and in the model runner's calls
+(structured_profile.py's wrappers), for --batch requests of 512 prompt tokens and 256 new ones each
+(the prompts' steps included), with the fused sampler (temperature 0.6) and with argmax (temperature
+0). A development tool for a GPU:
+`python benchmarks/step_phases.py --tokenizer DIR [--batch N] [MODEL]` (default Qwen/Qwen3-0.6B, dummy
+weights, batch 1)."""
 
 import argparse
 
@@ -33,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?", default="Qwen/Qwen3-0.6B")
     parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--batch", type=int, default=1, help="requests at once")
     args = parser.parse_args()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096, tokenizer=args.tokenizer)
     sp.TIMED = CALLS
@@ -42,12 +45,12 @@ def main() -> None:
     for module in (model_runner, sampler, cuda_graphs):
         module.to_device = timed_to_device
     sp.TIMED = {**CALLS, "to_device (every host-to-device copy)": None}
-    prompt = [{"prompt_token_ids": list(range(1000, 1512))}]
+    prompts = [{"prompt_token_ids": list(range(1000 + i, 1512 + i))} for i in range(args.batch)]
     for temperature in (0.6, 0.0):
         params = SamplingParams(temperature=temperature, max_tokens=256, ignore_eos=True)
-        llm.generate(prompt, params, use_tqdm=False)
+        llm.generate(prompts, params, use_tqdm=False)
         for repeat in range(2):
-            sp.run(llm, f"batch 1, temperature {temperature}, repeat {repeat + 1}", prompt, params)
+            sp.run(llm, f"batch {args.batch}, temperature {temperature}, repeat {repeat + 1}", prompts, params)
 
 
 if __name__ == "__main__":
