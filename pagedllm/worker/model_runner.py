@@ -376,9 +376,9 @@ class ModelRunner:
         before this step's diff (rank 0 wrote them before applying it), so both flatten the same
         batch; the same forward and logits follow (their collectives pair with rank 0's), then
         rank 0's sampled tokens become this rank's next inputs, placeholders here as there."""
-        requests = self.input_batch.requests
+        known = self.input_batch.requests
         for request_id, index, token in read_back:
-            requests[request_id].output_token_ids[index] = token
+            known[request_id].output_token_ids[index] = token
         requests = self.input_batch.apply(out)
         batch, sampling_index = self._prepare(out, requests)
         self._execute(batch)

@@ -42,13 +42,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     tokens, hidden = x.shape
     assert x.stride(1) == 1 and weight.shape == (hidden,)
     out = torch.empty(tokens, hidden, dtype=torch.result_type(weight, x), device=x.device)
-    summed = torch.empty_like(x) if residual is not None else out
-    if residual is not None:
+    if residual is None:
+        residual, summed = x, out      # unread and unwritten without HAS_RESIDUAL
+    else:
         assert residual.shape == x.shape and residual.stride(1) == 1 and residual.dtype == x.dtype
+        summed = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)   # rows contiguous, as written
     block = triton.next_power_of_2(hidden)
     if tokens > 0:
-        _rms_norm_kernel[(tokens,)](x, x if residual is None else residual, weight, out, summed, eps, hidden,
-                                    x.stride(0), 0 if residual is None else residual.stride(0), BLOCK=block,
-                                    HAS_RESIDUAL=residual is not None, num_warps=min(16, max(1, block // 256)),
+        _rms_norm_kernel[(tokens,)](x, residual, weight, out, summed, eps, hidden, x.stride(0), residual.stride(0),
+                                    BLOCK=block, HAS_RESIDUAL=summed is not out,
+                                    num_warps=min(16, max(1, block // 256)),
                                     **pdl.launch_options(x.device, wanted=tokens == 1))
-    return out if residual is None else (out, summed)
+    return out if summed is out else (out, summed)
