@@ -196,11 +196,14 @@ def test_paged_attention_mixed(cfg):
     _check(out, ref, dtype)
 
 
-@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], MIXED_CONFIGS[-1]], ids=_ids)
-def test_mixed_step_single_tokens_through_decode_kernels(cfg):
+@pytest.mark.parametrize("cfg,cascade", [(CONFIGS[0], True), (CONFIGS[1], True), (MIXED_CONFIGS[-1], True),
+                                         (CONFIGS[0], False), (MIXED_CONFIGS[-1], False)],
+                         ids=lambda p: _ids(p) if isinstance(p, tuple) else ("cascade" if p else "one-split"))
+def test_mixed_step_single_tokens_through_decode_kernels(cfg, cascade):
     """How the Triton backend runs a mixed step: the unified kernel skips sequences of one query
     token, and decode_attention fills their rows (query_rows = their cu_seqlens_q entries), two of
-    them reading a shared two-block prefix through a cascade tile."""
+    them reading a shared two-block prefix through a cascade tile (or, without it, in one split:
+    max_model_len 256)."""
     num_heads, kvh, d, block_size, dtype = cfg
     gen = torch.Generator().manual_seed(6)
     q_lens, seq_lens, k_cache, v_cache, tables, cu, lens = _mixed_batch(block_size, kvh, d, dtype, gen)
@@ -219,8 +222,8 @@ def test_mixed_step_single_tokens_through_decode_kernels(cfg):
                            max_seq_len=max(seq_lens), out=out, skip_single_token=True)
     single_rows = cu[:-1][single_lens > 0].long()
     assert out[single_rows].isnan().all()       # left for the decode kernels
-    pa_mod.decode_attention(query, k_cache, v_cache, single_lens, tables, scale, 1024, out=out,
-                            query_rows=cu[:-1], **shared)
+    pa_mod.decode_attention(query, k_cache, v_cache, single_lens, tables, scale, 1024 if cascade else 256,
+                            out=out, query_rows=cu[:-1], **(shared if cascade else {}))
     ref = torch_ref.paged_attention(query.cpu(), k_cache.cpu(), v_cache.cpu(), cu.cpu(), lens.cpu(),
                                     tables.cpu(), scale)
     _check(out, ref, dtype)
@@ -250,16 +253,18 @@ def test_paged_attention_decode_only(cfg):
     _check(out, ref, dtype)
 
 
-@pytest.mark.parametrize("cfg,max_model_len", [(cfg, 1024) for cfg in CONFIGS] + [(CONFIGS[0], 8192),
-                                                                                 (CONFIGS[2], 8192)],
-                         ids=lambda p: _ids(p) if isinstance(p, tuple) else f"mml{p}")
-def test_decode_attention(cfg, max_model_len):
+@pytest.mark.parametrize("cfg,max_model_len,copies", [(cfg, 1024, 1) for cfg in CONFIGS] + [
+    (CONFIGS[0], 8192, 1), (CONFIGS[2], 8192, 1), (CONFIGS[0], 256, 1), (CONFIGS[2], 256, 1), (CONFIGS[1], 1024, 2)],
+    ids=lambda p: _ids(p) if isinstance(p, tuple) else f"{p}")
+def test_decode_attention(cfg, max_model_len, copies):
     """Split-K decode: lengths around tile/block edges and crossing split boundaries (max_model_len
     1024 caps the split count at 4; 8192 allows 32: 15 resp. 32 splits for the two configs run with
-    it), plus a padding row with seq_len 0 that must come out as zeros."""
+    it; 256 gives one split), plus a padding row with seq_len 0 that must come out as zeros. Two
+    copies of the lengths with 8 KV heads make enough sequences for the 128-position tile."""
     num_heads, kvh, d, block_size, dtype = cfg
     gen = torch.Generator().manual_seed(3)
-    seq_lens = DECODE_LENS
+    seq_lens = DECODE_LENS * copies
+    assert (pa_mod._decode_tile(len(seq_lens), kvh, False, torch.device(DEVICE)) == 128) == (copies == 2)
     num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 5
     k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, dtype, gen)
     tables = _block_tables([max(n, 1) for n in seq_lens], block_size, num_blocks, gen)
@@ -283,7 +288,8 @@ def test_decode_split_count_depends_on_shapes_only():
     """CUDA-graph safety: the split count comes from batch, kv heads and max_model_len alone."""
     dev = torch.device(DEVICE)
     assert pa_mod._num_splits(1, 8, 40960, dev) == pa_mod._MAX_SPLITS
-    assert pa_mod._num_splits(256, 8, 40960, dev) == 1
+    assert pa_mod._num_splits(256, 8, 40960, dev) == 2
+    assert pa_mod._num_splits(1024, 8, 40960, dev) == 1
     assert pa_mod._num_splits(1, 8, 300, dev) == 2
 
 

@@ -3,8 +3,9 @@
   python3 pagedllm/kernels/triton/bench_kernels.py [--out LOG] [--only decode|prefill|sampler|cascade ...]
 
 (a) decode_attention, 16 heads / 8 kv heads / head_dim 128, bf16, block 16: batch 256 at context
-    1000 and batch 1 at 512 and 4096. Reports achieved GB/s of K/V read (each context token's K and V
-    rows read once) next to the device-to-device copy bandwidth measured in the same run.
+    1000, batch 1 at 512 and 4096, and batches of 256, 128 and 48 with contexts spread as in the
+    middle of a nano run (uniform 200-2048, 500-2048). Reports achieved GB/s of K/V read (each context
+    token's K and V rows read once) next to the device-to-device copy bandwidth measured in the same run.
 (b) paged_attention prefill of 8 x 512 tokens (and 2 x 4096), against torch SDPA on the same data
     laid out densely (K/V repeated to 16 heads so the flash backend applies).
 Each shape also sweeps a few tile configs (and, for decode, split counts) through the private
@@ -18,6 +19,7 @@ before every call); 'graph' is a CUDA-graph replay (launch overhead removed, L2 
     them; the L2 cache may serve repeats), and shared with a cascade plan (worker/shared_prefix.py)
     so each prefix is read once per tile of sequences. TB/s = K/V bytes if every sequence read its
     whole context / time.
+On an H200, decode only: benchmarks/results/h200/decode-attention-sweep-h200.txt (docs/benchmarks.md).
 Measured on an H100 80GB HBM3 (torch 2.11, triton 3.6, 1 GiB copy = 3.0 TB/s read+write):
   decode B=256 ctx 1000: 384 us eager / 370 us graph = 2.73 TB/s of K/V, 91% of copy bandwidth;
   B=1 ctx 4096: 9.3 us graph (64 splits; 1 split: 101 us); B=1 ctx 512: 6.2 us graph (launch-bound).
@@ -45,11 +47,13 @@ from pagedllm.kernels.triton import sampling
 DEVICE = "cuda"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 16, 8, 128, 16, torch.bfloat16
 MAX_MODEL_LEN = 40960          # Qwen3-0.6B's max_position_embeddings
-DECODE_SHAPES = [(256, 1000), (1, 512), (1, 4096)]       # (batch, context)
+# (batch, context or (shortest, longest) context: nano's mid-run spread, uniform, seeded)
+DECODE_SHAPES = [(256, 1000), (1, 512), (1, 4096), (256, (200, 2048)), (128, (200, 2048)), (48, (500, 2048))]
 PREFILL_SHAPES = [(8, 512), (2, 4096)]                   # (sequences, tokens each)
 DECODE_CONFIGS = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=32, num_warps=4, num_stages=3),
                   dict(block_n=64, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=2),
-                  dict(block_n=128, num_warps=8, num_stages=2)]
+                  dict(block_n=128, num_warps=8, num_stages=2), dict(block_n=64, num_warps=4, num_stages=4),
+                  dict(block_n=64, num_warps=8, num_stages=3)]
 VOCAB, TEMPERATURE = 151936, 0.6                         # Qwen3's vocabulary, its suggested temperature
 SAMPLE_BATCHES = [1, 64, 256]
 SAMPLE_CONFIGS = [dict(block=1024, num_warps=4), dict(block=2048, num_warps=4), dict(block=4096, num_warps=4),
@@ -82,11 +86,11 @@ def _rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def _decode_ref(query, k_cache, v_cache, table, ctx, scale):
+def _decode_ref(query, k_cache, v_cache, table, lens, scale):
     """Dense fp32 reference on the GPU (torch_ref builds its masks on the CPU)."""
     group = HEADS // KV_HEADS
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-    for i in range(query.shape[0]):
+    for i, ctx in enumerate(lens):
         k = torch_ref.gather_kv(k_cache, table[i], ctx).float().repeat_interleave(group, 1).transpose(0, 1)
         v = torch_ref.gather_kv(v_cache, table[i], ctx).float().repeat_interleave(group, 1).transpose(0, 1)
         probs = torch.softmax(torch.einsum("hd,hkd->hk", query[i].float(), k) * scale, dim=-1)
@@ -98,16 +102,22 @@ def bench_decode(log, copy_gbs):
     """Every tile config at the default split count, then the default tile config at other split counts."""
     rows = []
     for batch, ctx in DECODE_SHAPES:
-        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
-        k_cache, v_cache, table = _paged_inputs([ctx] * batch)
+        lens = [ctx] * batch if isinstance(ctx, int) else torch.randint(ctx[0], ctx[1] + 1, (batch,)).tolist()
+        ctx = ctx if isinstance(ctx, int) else f"{ctx[0]}-{ctx[1]}"
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        k_cache, v_cache, table = _paged_inputs(lens)
         query = torch.randn(batch, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
         out = torch.empty_like(query)
         scale = HEAD_DIM ** -0.5
-        ref = _decode_ref(query, k_cache, v_cache, table, ctx, scale)
-        kv_bytes = batch * ctx * KV_HEADS * HEAD_DIM * k_cache.element_size() * 2
+        ref = _decode_ref(query, k_cache, v_cache, table, lens, scale)
+        kv_bytes = sum(lens) * KV_HEADS * HEAD_DIM * k_cache.element_size() * 2
         default_splits = pa._num_splits(batch, KV_HEADS, MAX_MODEL_LEN, query.device)
-        variants = [(default_splits, cfg) for cfg in DECODE_CONFIGS]
-        variants += [(s, DECODE_CONFIGS[0]) for s in (1, 2, 4, 8, 16, 32, 64) if s != default_splits]
+        default_cfg = dict(block_n=pa._decode_tile(batch, KV_HEADS, False, query.device), num_warps=4, num_stages=2)
+        variants = [(default_splits, default_cfg)] + [(default_splits, c) for c in DECODE_CONFIGS if c != default_cfg]
+        if batch >= 48:     # few splits, each with every tile config
+            variants += [(s, cfg) for s in (1, 2, 3, 4) if s != default_splits for cfg in DECODE_CONFIGS]
+        else:
+            variants += [(s, DECODE_CONFIGS[0]) for s in (1, 2, 4, 8, 16, 32, 64) if s != default_splits]
         for i, (splits, cfg) in enumerate(variants):
             def fn():
                 pa._decode_attention_launch(query, k_cache, v_cache, seq_lens, table, scale, out, splits, **cfg)
@@ -129,7 +139,7 @@ def bench_decode(log, copy_gbs):
         cu = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
 
         def mixed():
-            pa.paged_attention(query, k_cache, v_cache, cu, seq_lens, table, scale, 1, ctx, out=out)
+            pa.paged_attention(query, k_cache, v_cache, cu, seq_lens, table, scale, 1, max(lens), out=out)
         out.fill_(float("nan"))
         mixed()
         err = _rel_err(out, ref)
