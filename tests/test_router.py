@@ -78,6 +78,22 @@ def test_n_sequences_go_together_and_count_as_load():
     assert router.load[core] == 2
 
 
+def test_load_counts_what_the_core_reports_from_other_front_ends():
+    """With several API processes each router sends only its share: a core reporting 40 running and
+    waiting sequences is busier than this router's own count of 0 says, until it reports fewer; and
+    affinity yields to that load as to its own."""
+    router = _router("least-loaded")
+    router.observe(0, [], [], None, 40)
+    assert {router.route([f"a{i}"], [i]) for i in range(21)} == {1}     # 21 sent there: fewer than 40
+    router.observe(0, [], [], None, 0)
+    assert router.route(["b"], [7]) == 0
+    shared = list(range(50, 70))
+    for queued, expected in ((BALANCE_ABS + 10, 0), (2, 1)):
+        prefix = _router()
+        prefix.observe(1, prompt_block_hashes(shared + [0], BS), [], None, queued)   # core 1 holds the prefix
+        assert prefix.route(["p"], shared) == expected
+
+
 def test_round_robin_and_a_lost_core():
     router = _router("round-robin", cores=3)
     assert [router.route([str(i)], [i]) for i in range(4)] == [0, 1, 2, 0]

@@ -3,13 +3,16 @@
 Policies (`--routing`):
   prefix        the core holding the longest cached prefix of the prompt, unless that core is
                 much busier than the least-loaded one; no match: the least-loaded core.
-  least-loaded  the core with the fewest unfinished sequences from this front end (then KV usage).
+  least-loaded  the core with the fewest unfinished sequences (then KV usage).
   round-robin   each core in turn.
 
 What a core holds is known from the core itself: each core reports the chained block hashes its
 KV cache manager caches and evicts (kv_cache.extend_block_hashes, which hashes prompts here too),
 and the router adds the prompts it has sent there and not seen finish (their blocks are being
-computed there). Plain bookkeeping: no sockets, no clock.
+computed there). A core's load is the larger of the sequences this front end sent there and has
+not seen finish, and the running + waiting sequences the core last reported: with several API
+processes each sees only its own share, and a report lags the sends made since. Plain bookkeeping:
+no sockets, no clock.
 """
 
 import itertools
@@ -41,6 +44,7 @@ class Router:
         self.cached: list[set[bytes]] = [set() for _ in range(num_cores)]   # reported by each core
         self.pending: list[Counter] = [Counter() for _ in range(num_cores)]  # prompts sent, not finished
         self.load = [0] * num_cores                  # unfinished sequences sent to each core
+        self.reported = [0] * num_cores              # running + waiting, as each core last said
         self.kv_usage = [0.0] * num_cores
         self._sequences: dict[str, tuple[int, list[bytes]]] = {}   # sequence id -> (core, prompt hashes)
         self._turn = itertools.cycle(range(num_cores))
@@ -66,15 +70,16 @@ class Router:
     def _pick(self, live: list[int], hashes: list[bytes]) -> int:
         if self.policy == "round-robin":
             return next(i for i in self._turn if self.alive[i])
-        least = min(live, key=lambda i: (self.load[i], self.kv_usage[i]))
+        busy = {i: max(self.load[i], self.reported[i]) for i in live}
+        least = min(live, key=lambda i: (busy[i], self.kv_usage[i]))
         if not hashes:
             return least
         matched = {i: self.matched_blocks(i, hashes) for i in live}
-        best = max(live, key=lambda i: (matched[i], -self.load[i], -self.kv_usage[i]))
+        best = max(live, key=lambda i: (matched[i], -busy[i], -self.kv_usage[i]))
         if matched[best] == 0:
             return least
-        excess = self.load[best] - self.load[least]
-        return least if excess > BALANCE_ABS and excess > BALANCE_REL * self.load[least] else best
+        excess = busy[best] - busy[least]
+        return least if excess > BALANCE_ABS and excess > BALANCE_REL * busy[least] else best
 
     def matched_blocks(self, core: int, hashes: list[bytes]) -> int:
         """How many leading blocks of the prompt the core holds or is computing."""
@@ -101,13 +106,17 @@ class Router:
             if not pending[h]:
                 del pending[h]
 
-    def observe(self, core: int, cached: list[bytes], evicted: list[bytes], kv_usage: float | None) -> None:
-        """A core's report: the block hashes it cached and evicted since its last one, its KV usage."""
+    def observe(self, core: int, cached: list[bytes], evicted: list[bytes], kv_usage: float | None,
+                queued: int | None = None) -> None:
+        """A core's report: the block hashes it cached and evicted since its last one, its KV usage
+        and its running + waiting sequences (None: not in this message)."""
         held = self.cached[core]
         held.update(cached)
         held.difference_update(evicted)
         if kv_usage is not None:
             self.kv_usage[core] = kv_usage
+        if queued is not None:
+            self.reported[core] = queued
 
     def lose(self, core: int) -> list[str]:
         """The core is gone: route nothing more there; returns its unfinished sequences (forgotten)."""
