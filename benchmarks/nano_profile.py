@@ -18,7 +18,7 @@ from pagedllm.bench.throughput import sync
 from pagedllm.bench.workloads import nano_requests
 from pagedllm.engine.core import EngineCore
 
-BUCKETS = [(0, 0, "no sampling"), (1, 16, "1-16"), (17, 64, "17-64"), (65, 128, "65-128"),
+BUCKETS = [(1, 16, "1-16"), (17, 64, "17-64"), (65, 128, "65-128"),
            (129, 192, "129-192"), (193, 256, "193-256")]
 KINDS = [("attention, decode", ("decode_split", "decode_reduce", "shared_prefix")),
          ("attention, prefill", ("paged_attention", "prefill")),

@@ -264,7 +264,7 @@ def test_decode_attention(cfg, max_model_len, copies):
     num_heads, kvh, d, block_size, dtype = cfg
     gen = torch.Generator().manual_seed(3)
     seq_lens = DECODE_LENS * copies
-    assert (pa_mod._decode_tile(len(seq_lens), kvh, False, torch.device(DEVICE)) == 128) == (copies == 2)
+    assert (pa_mod._decode_config(len(seq_lens), kvh, False, torch.device(DEVICE))["block_n"] == 128) == (copies == 2)
     num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 5
     k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, dtype, gen)
     tables = _block_tables([max(n, 1) for n in seq_lens], block_size, num_blocks, gen)

@@ -45,11 +45,8 @@ def _abort(router: Router, cores: list, request_ids: list[str]) -> None:
 
 def _observe(router: Router, core: int, message: EngineCoreOutputs) -> None:
     stats = message.scheduler_stats
-    if stats is None:
-        router.observe(core, message.blocks_cached, message.blocks_evicted, None)
-    else:
-        router.observe(core, message.blocks_cached, message.blocks_evicted, stats.kv_cache_usage,
-                       stats.num_running + stats.num_waiting)
+    kv_usage, queued = (None, None) if stats is None else (stats.kv_cache_usage, stats.num_running + stats.num_waiting)
+    router.observe(core, message.blocks_cached, message.blocks_evicted, kv_usage, queued)
     for request_id in itertools.chain(message.finished, message.errors):
         router.finish(request_id)
     message.engine_index = core

@@ -112,7 +112,7 @@ def bench_decode(log, copy_gbs):
         ref = _decode_ref(query, k_cache, v_cache, table, lens, scale)
         kv_bytes = sum(lens) * KV_HEADS * HEAD_DIM * k_cache.element_size() * 2
         default_splits = pa._num_splits(batch, KV_HEADS, MAX_MODEL_LEN, query.device)
-        default_cfg = dict(block_n=pa._decode_tile(batch, KV_HEADS, False, query.device), num_warps=4, num_stages=2)
+        default_cfg = pa._decode_config(batch, KV_HEADS, False, query.device)
         variants = [(default_splits, default_cfg)] + [(default_splits, c) for c in DECODE_CONFIGS if c != default_cfg]
         if batch >= 48:     # few splits, each with every tile config
             variants += [(s, cfg) for s in (1, 2, 3, 4) if s != default_splits for cfg in DECODE_CONFIGS]

@@ -380,12 +380,14 @@ def _num_splits(batch: int, num_kv_heads: int, max_model_len: int, device: torch
     return max(1, min(wanted, triton.cdiv(max_model_len, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
 
 
-def _decode_tile(batch: int, num_kv_heads: int, cascade: bool, device: torch.device) -> int:
-    """Context positions a split program takes per iteration: 128 once the sequences alone give every
-    SM a program (on the H200 3-10% faster than 64 at batches 48-256), else 64, where splits are short
-    and many (batch 1: 64 is ~1 us a layer faster), and 64 with cascade tiles (whose up to 64 query
-    rows would hold twice the scores at 128; not measured)."""
-    return 128 if batch * num_kv_heads >= _num_sms(device) and not cascade else 64
+def _decode_config(batch: int, num_kv_heads: int, cascade: bool, device: torch.device) -> dict:
+    """The split kernels' tile and launch shape. block_n, the context positions a program takes per
+    iteration: 128 once the sequences alone give every SM a program (on the H200 3-10% faster than 64
+    at batches 48-256), else 64, where splits are short and many (batch 1: 64 is ~1 us a layer
+    faster), and 64 with cascade tiles (whose up to 64 query rows would hold twice the scores at 128;
+    not measured)."""
+    block_n = 128 if batch * num_kv_heads >= _num_sms(device) and not cascade else 64
+    return dict(block_n=block_n, num_warps=4, num_stages=2)
 
 
 # Cascade: a tile's query rows (sequences x GROUP heads) fill one tl.dot tile of this height; its
@@ -469,8 +471,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert (shared_lens is None) == (tile_seqs is None) == (tile_lens is None)
     num_splits = _num_splits(batch, k_cache.shape[2], max_model_len, query.device)
-    block_n = _decode_tile(batch, k_cache.shape[2], shared_lens is not None, query.device)
-    _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits,
-                             block_n=block_n, num_warps=4, num_stages=2, shared_lens=shared_lens,
-                             tile_seqs=tile_seqs, tile_lens=tile_lens, query_rows=query_rows)
+    config = _decode_config(batch, k_cache.shape[2], shared_lens is not None, query.device)
+    _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits, **config,
+                             shared_lens=shared_lens, tile_seqs=tile_seqs, tile_lens=tile_lens, query_rows=query_rows)
     return out
