@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from pagedllm.kernels.triton import small_gemm
+from pagedllm.kernels.triton import skinny_gemm, small_gemm
 from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.linear import activation_in_gate_up, linear
 from skinny_gemm_sweep import SHAPES, STREAMED_BYTES, graph_us
@@ -47,11 +47,11 @@ def key(cfg: dict) -> str:
 
 
 def baseline(x: torch.Tensor, w: torch.Tensor, silu: bool):
-    """What runs without the small-batch kernel: cuBLAS, or the skinny kernel for one row."""
-    if x.shape[0] == 1 and silu:
-        return lambda: linear(x, w)          # the activation goes into the down projection's loads
+    """The other choice: cuBLAS, or for one row the skinny kernel (the MLP's activation then in the
+    down projection's loads)."""
     if x.shape[0] == 1:
-        return lambda: linear(x, w, gated=x.shape[1] == 2 * w.shape[1])
+        gated = not silu and x.shape[1] == 2 * w.shape[1]
+        return lambda: skinny_gemm.skinny_linear(x, w, gated)
     return (lambda: silu_and_mul(F.linear(x, w))) if silu else (lambda: F.linear(x, w))
 
 
@@ -80,31 +80,33 @@ def sweep(name: str, n: int, k: int, m: int, quick: bool) -> dict:
     return {"us": us, "best": best[0], "config": key(default), "copies": copies}
 
 
-def model_weights(name: str) -> list[tuple[torch.Tensor, int, str]]:
-    """Each layer's qkv, o, gate_up and down weights, with the width of their input and their role."""
+def model_weights(name: str) -> list[tuple[torch.Tensor, ...]]:
+    """Each layer's qkv, o, gate_up and down weights."""
     layers, hidden, q_width, inter = MODELS[name]
-    shapes = ((q_width + 2 * 8 * 128, hidden, "qkv"), (hidden, q_width, "o"), (2 * inter, hidden, "gate_up"),
-              (hidden, inter, "down"))
-    return [(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5, k, role)
-            for _ in range(layers) for n, k, role in shapes]
+    shapes = ((q_width + 2 * 8 * 128, hidden), (hidden, q_width), (2 * inter, hidden), (hidden, inter))
+    return [tuple(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for n, k in shapes)
+            for _ in range(layers)]
 
 
-def launch(x: dict, w: torch.Tensor, width: int, role: str, ours: bool):
-    """One GEMM of a decode step: as the model calls it (ours), or cuBLAS + the activation kernel."""
-    fused = ours and activation_in_gate_up(x[width])
-    if role == "gate_up":
-        return (lambda: linear(x[width], w, activate=fused)) if ours else (lambda: F.linear(x[width], w))
-    if role == "down" and not fused:
-        gated = x[2 * width]
-        return (lambda: linear(gated, w, gated=True)) if ours else (lambda: F.linear(silu_and_mul(gated), w))
-    return (lambda: linear(x[width], w)) if ours else (lambda: F.linear(x[width], w))
+def layer_launches(x: dict, layer: tuple, ours: bool) -> list:
+    """One layer's GEMMs: cuBLAS and the activation kernel, or linear() as the model calls it."""
+    qkv, o, gate_up, down = layer
+    if not ours:
+        return [lambda: F.linear(x["hidden"], qkv), lambda: F.linear(x["attn"], o),
+                lambda: F.linear(x["hidden"], gate_up), lambda: F.linear(silu_and_mul(x["gate|up"]), down)]
+    if activation_in_gate_up(x["hidden"], gate_up):
+        mlp = [lambda: linear(x["hidden"], gate_up, activate=True), lambda: linear(x["act"], down)]
+    else:
+        mlp = [lambda: linear(x["hidden"], gate_up), lambda: linear(x["gate|up"], down, gated=True)]
+    return [lambda: linear(x["hidden"], qkv), lambda: linear(x["attn"], o)] + mlp
 
 
 def model_step(weights: list, m: int, ours: bool) -> float:
     """Microseconds for all of one decode step's layer GEMMs (no attention, norms or LM head)."""
-    widths = {width for _, width, _ in weights} | {2 * width for _, width, role in weights if role == "down"}
-    x = {width: torch.randn(m, width, device="cuda", dtype=torch.bfloat16) for width in widths}
-    launches = [launch(x, w, width, role, ours) for w, width, role in weights]
+    qkv, o, gate_up, down = weights[0]
+    widths = {"hidden": qkv.shape[1], "attn": o.shape[1], "act": down.shape[1], "gate|up": gate_up.shape[0]}
+    x = {name: torch.randn(m, width, device="cuda", dtype=torch.bfloat16) for name, width in widths.items()}
+    launches = [fn for layer in weights for fn in layer_launches(x, layer, ours)]
     return graph_us(launches) * len(launches)
 
 
@@ -119,7 +121,7 @@ def main() -> None:
     for (name, (n, k)), m in itertools.product(SHAPES.items(), ROWS[:3] if args.quick else ROWS):
         out["shapes"][f"{name} M={m}"] = sweep(name, n, k, m, args.quick)
     print(f"({time.time() - t0:.0f} s)\n\nA decode step's layer GEMMs, us: cuBLAS + SiLU-and-mul vs linear() as the"
-          " MLP calls it (skinny at M=1)")
+          " MLP calls it")
     for name in MODELS:
         weights = model_weights(name)
         for m in STEP_ROWS:

@@ -68,4 +68,4 @@ def test_linear_falls_back_to_torch_with_the_activation_where_asked():
     assert torch.equal(linear(x, w, activate=True), F.silu(gate) * up)
     x_gated = torch.cat([x, x], dim=1)
     assert torch.equal(linear(x_gated, w, gated=True), F.linear(F.silu(x) * x, w))
-    assert not activation_in_gate_up(x)
+    assert not activation_in_gate_up(x, w)

@@ -38,41 +38,42 @@ class Shard:
 
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
+SKINNY_MAX_WEIGHTS = 20 << 20   # elements: Qwen3-8B's o_proj (16.8 M) streams faster there, its qkv (25.2 M) not
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            gated: bool = False, activate: bool = False) -> torch.Tensor:
-    """F.linear, except a decode step's few rows in half precision on a GPU: one row takes the skinny
-    kernel, up to small_gemm.MAX_ROWS the small-batch one; both stream the weights faster than
-    cuBLAS's kernels do at these sizes. The MLP's SiLU-and-mul goes where activation_in_gate_up()
-    says: gated, x is [gate | up] and the input is silu(gate) * up (the skinny kernel computes it as
-    it loads x); activate, weight's rows are [gate | up] and the output is silu(gate) * up (the
-    small-batch kernel's epilogue)."""
-    if _triton_rows(x, bias) == 1:
+    """F.linear, except a decode step's few rows in half precision on a GPU, where our kernels stream
+    the weights faster than cuBLAS's (_kernel). The MLP's SiLU-and-mul goes where
+    activation_in_gate_up() says: gated, x is [gate | up] and the input is silu(gate) * up (the
+    skinny kernel computes it as it loads x); activate, weight's rows are [gate | up] and the
+    output is silu(gate) * up (the small-batch kernel's epilogue)."""
+    kernel = _kernel(x, weight, bias)
+    if kernel == "skinny_gemm":
         assert not activate
-        return _triton("skinny_gemm").skinny_linear(x, weight, gated)
-    if _triton_rows(x, bias) > 1:
-        x = silu_and_mul(x) if gated else x
-        return _triton("small_gemm").small_linear(x, weight, silu_and_mul=activate)
+        return _triton(kernel).skinny_linear(x, weight, gated)
+    if kernel == "small_gemm":
+        return _triton(kernel).small_linear(silu_and_mul(x) if gated else x, weight, silu_and_mul=activate)
     y = F.linear(silu_and_mul(x) if gated else x, weight, bias)
     return silu_and_mul(y) if activate else y
 
 
-def activation_in_gate_up(x: torch.Tensor) -> bool:
+def activation_in_gate_up(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
     """Whether the MLP applies SiLU-and-mul in its gate/up projection's epilogue (activate=True)
     rather than on the down projection's input (gated=True): only the small-batch kernel has
     the epilogue, only the skinny kernel the fused input; otherwise it is one kernel either way."""
-    return _triton_rows(x, None) > 1
+    return _kernel(x, gate_up, None) == "small_gemm"
 
 
-def _triton_rows(x: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """x's rows where one of our kernels takes them (1 to small_gemm.MAX_ROWS), else 0 (cuBLAS)."""
+def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Which of our kernels takes x @ weight.T: one row of a matrix under SKINNY_MAX_WEIGHTS the
+    skinny one (one-warp programs), up to small_gemm.MAX_ROWS rows the small-batch one (tensor-core
+    tiles); None for cuBLAS (more rows, a bias, another dtype or device)."""
     if bias is not None or not x.is_cuda or x.dtype not in TRITON_DTYPES or x.dim() != 2 or x.stride(1) != 1:
-        return 0
-    rows = x.shape[0]
-    if rows == 1:
-        return 1 if x.is_contiguous() else 0
-    return rows if rows <= _triton("small_gemm").MAX_ROWS else 0
+        return None
+    if x.shape[0] == 1 and x.is_contiguous() and weight.numel() < SKINNY_MAX_WEIGHTS:
+        return "skinny_gemm"
+    return "small_gemm" if x.shape[0] <= _triton("small_gemm").MAX_ROWS else None
 
 
 @functools.cache

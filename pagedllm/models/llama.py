@@ -70,7 +70,7 @@ class MLP(nn.Module):
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if activation_in_gate_up(x):
+        if activation_in_gate_up(x, self.gate_up_proj.weight):
             return self.down_proj(self.gate_up_proj(x, activate=True))
         return self.down_proj(self.gate_up_proj(x), gated=True)
 

@@ -1,4 +1,4 @@
-"""y = x @ w.T for the few rows of a decode step (2 to MAX_ROWS), optionally followed by the MLP's
+"""y = x @ w.T for the few rows of a decode step (up to MAX_ROWS), optionally followed by the MLP's
 SiLU-and-mul in the epilogue (w = [gate | up]: y = silu(x @ gate.T) * (x @ up.T)), so that the
 activation kernel goes away.
 
@@ -63,15 +63,18 @@ def _small_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_
 
 def config(m: int, n: int, k: int, silu_and_mul: bool = False) -> dict:
     """Blocks and launch shape for [m, k] x [k, n] (n outputs, from 2n weight rows with silu_and_mul),
-    from the sweep: 16-row tiles up to 32 rows; about 100 or more programs' worth of weight rows;
-    longer K tiles where K is the long side; as many stages as shared memory holds."""
-    block_m = 16 if m <= 32 else 64
+    from the sweep: rows no taller than the batch; about 100 or more programs' worth of weight rows;
+    longer K tiles where K is the long side; as many stages as shared memory holds, except 3 for
+    the gate/up epilogue's wide tiles (5% to 14% faster than 4 on Qwen3-8B at 1 to 16 rows)."""
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
     rows = 2 * n if silu_and_mul else n
     widths = (128, 64, 32) if block_m == 16 else (64, 32)
     block_n = next((b for b in widths if rows // b >= 96), 16)
     block_n = max(16, block_n // 2) if silu_and_mul else block_n
-    block_k = 256 if k >= n and block_m == 16 else 128
+    block_k = 256 if k >= n and block_m <= 32 else 128
     stages = min(5, SHARED_MEMORY // stage_bytes(block_m, block_n, block_k, silu_and_mul) - 1)
+    if silu_and_mul and block_n >= 64:
+        stages = 3
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=max(2, stages), pdl=True)
 
 
