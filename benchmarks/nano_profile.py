@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default="Qwen/Qwen3-0.6B")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--max-len", type=int, default=1024, help="nano's largest prompt and output length")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs, each printed")
+    parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="a last run under torch.profiler, its kernel times by kind")
     args = parser.parse_args()
     EngineCore.step = _timed_step(EngineCore.step)
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096)
@@ -111,9 +114,10 @@ def main() -> None:
     peak = measure_peak_flops(device, torch.bfloat16)["peak_flops_per_s"]
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s, peak {peak / 1e12:.0f} TFLOP/s")
     run(llm, prompts[:32], params[:32])    # warm-up
-    by_batch(llm, prompts, params, bandwidth, peak)
-    by_batch(llm, prompts, params, bandwidth, peak)
-    kernels(llm, prompts, params)
+    for _ in range(args.runs):
+        by_batch(llm, prompts, params, bandwidth, peak)
+    if args.kernels:
+        kernels(llm, prompts, params)
 
 
 if __name__ == "__main__":
