@@ -29,8 +29,8 @@ def _load(stem):
 
 
 def _env_ok(r):
-    for key in ("device", "torch", "triton", "commit", "command", "workload", "output_tokens_per_s",
-                "roofline_fraction"):
+    for key in ("device", "torch", "triton", "commit", "package", "source_digest", "command", "workload",
+                "output_tokens_per_s", "roofline_fraction"):
         assert key in r, key
     assert r["output_tokens_per_s"] > 0
     assert 0 < r["roofline_fraction"] < 10
@@ -215,3 +215,17 @@ def test_bundled_configs_without_the_hub(monkeypatch, name, billions):
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     params = c.num_hidden_layers * layer + embeddings + c.hidden_size
     assert params / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_source_digest_names_the_code_that_ran(tmp_path):
+    """Two copies of the tree differ in digest as soon as one source file does (an A/B whose runs
+    import the same copy shows one digest twice)."""
+    from pagedllm.bench.results import PACKAGE, source_digest
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    before = source_digest(tmp_path / "pkg")
+    assert before == source_digest(tmp_path / "pkg") and len(before) == 12
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+    assert source_digest(tmp_path / "pkg") != before
+    assert (PACKAGE / "bench" / "results.py").is_file()

@@ -1,5 +1,6 @@
 """What every benchmark result records: device, versions, commit, command; JSON + markdown out."""
 
+import hashlib
 import json
 import os
 import platform
@@ -16,6 +17,8 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "commit": _git_commit(),
+        "package": str(PACKAGE),
+        "source_digest": source_digest(),
         "command": " ".join(["pagedllm"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("pagedllm")
         else " ".join(sys.argv),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -31,6 +34,19 @@ def environment() -> dict:
     except ImportError:
         pass
     return info
+
+
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def source_digest(package: Path = PACKAGE) -> str:
+    """A digest of the package's Python sources: which code ran, whatever $PAGEDLLM_COMMIT says.
+    (`python -m` puts the working directory ahead of PYTHONPATH, so a run meant for another copy
+    of the tree can silently import this one; the package path and this digest show it.)"""
+    digest = hashlib.sha1()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _git_commit() -> str | None:
