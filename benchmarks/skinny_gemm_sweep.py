@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from pagedllm.kernels.triton import skinny_gemm
+from pagedllm.kernels.triton import pdl, skinny_gemm
 
 SHAPES = {"0.6B qkv": (4096, 1024), "0.6B o": (1024, 2048), "0.6B gate_up": (6144, 1024),
           "0.6B down": (1024, 3072), "8B qkv": (6144, 4096), "8B o": (4096, 4096),
@@ -50,9 +50,8 @@ def skinny_launch(x, w, y, block_n, block_k, warps, stages):
     grid = (triton.cdiv(n, block_n),)
 
     def launch():
-        skinny_gemm._skinny_kernel[grid](x, w, y, 1, n, k, x.stride(0), w.stride(0), y.stride(0),
-                                         BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
-                                         num_warps=warps, num_stages=stages)
+        skinny_gemm._skinny_kernel[grid](x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, GATED=False,
+                                         num_warps=warps, num_stages=stages, **pdl.launch_options(x.device))
     return launch
 
 
@@ -72,7 +71,7 @@ def sweep_shape(name, n, k, configs):
         err = (y.float() - ref).abs().max().item()
         assert err < 0.05, (name, bn, bk, warps, stages, err)
         results[f"n{bn} k{bk} w{warps} s{stages}"] = us
-    default = f"n{skinny_gemm.block_n(n)} k{skinny_gemm.BLOCK_K} w4 s3"
+    default = f"n{skinny_gemm.block_n(k)} k{skinny_gemm.BLOCK_K} w1 s1"
     best = sorted(results.items(), key=lambda kv: kv[1])
     mb = n * k * 2 / 1e6
     print(f"\n{name} (N={n}, K={k}, {n * k * 2 / 2**20:.1f} MiB, {copies} copies): cuBLAS {results['cublas']:.2f} us"
