@@ -79,7 +79,7 @@ def test_plan_caps_the_tile_count(monkeypatch):
     assert (plan.shared_lens > 0).sum() == 5
 
 
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
 
 def _shared_prompts():
