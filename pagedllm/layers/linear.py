@@ -10,6 +10,7 @@ of a full checkpoint tensor; with one rank the piece is the whole tensor.
 """
 
 import functools
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -36,25 +37,49 @@ class Shard:
         return rank * self.parts // tp
 
 
-SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
+SKINNY_MAX_WEIGHTS = 20 << 20   # elements: Qwen3-8B's o_proj (16.8 M) streams faster there, its qkv (25.2 M) not
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           gated: bool = False) -> torch.Tensor:
-    """F.linear, except one row in half precision on a GPU (decode at batch 1): the skinny kernel
-    streams the weights faster than cuBLAS's kernels do. gated: x is [gate | up] and the input is
-    silu(gate) * up (the MLP's down projection), which the skinny kernel computes as it loads x."""
-    one_row = x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous()
-    if bias is None and x.is_cuda and one_row and x.dtype in SKINNY_DTYPES:
-        return _skinny_gemm().skinny_linear(x, weight, gated)
-    return F.linear(silu_and_mul(x) if gated else x, weight, bias)
+           gated: bool = False, activate: bool = False) -> torch.Tensor:
+    """F.linear, except a decode step's few rows in half precision on a GPU, where our kernels stream
+    the weights faster than cuBLAS's (_kernel). The MLP's SiLU-and-mul goes where
+    activation_in_gate_up() says: gated, x is [gate | up] and the input is silu(gate) * up (the
+    skinny kernel computes it as it loads x); activate, weight's rows are [gate | up] and the
+    output is silu(gate) * up (the small-batch kernel's epilogue)."""
+    kernel = _kernel(x, weight, bias)
+    if kernel == "skinny_gemm":
+        assert not activate
+        return _triton(kernel).skinny_linear(x, weight, gated)
+    if kernel == "small_gemm":
+        return _triton(kernel).small_linear(silu_and_mul(x) if gated else x, weight, silu_and_mul=activate)
+    y = F.linear(silu_and_mul(x) if gated else x, weight, bias)
+    return silu_and_mul(y) if activate else y
+
+
+def activation_in_gate_up(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """Whether the MLP applies SiLU-and-mul in its gate/up projection's epilogue (activate=True)
+    rather than on the down projection's input (gated=True): only the small-batch kernel has
+    the epilogue, only the skinny kernel the fused input; otherwise it is one kernel either way."""
+    return _kernel(x, gate_up, None) == "small_gemm"
+
+
+def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Which of our kernels takes x @ weight.T: one row of a matrix under SKINNY_MAX_WEIGHTS the
+    skinny one (one-warp programs), up to small_gemm.MAX_ROWS rows the small-batch one (tensor-core
+    tiles); None for cuBLAS (more rows, a bias, another dtype or device)."""
+    if bias is not None or not x.is_cuda or x.dtype not in TRITON_DTYPES or x.dim() != 2 or x.stride(1) != 1:
+        return None
+    if x.shape[0] == 1 and x.is_contiguous() and weight.numel() < SKINNY_MAX_WEIGHTS:
+        return "skinny_gemm"
+    return "small_gemm" if x.shape[0] <= _triton("small_gemm").MAX_ROWS else None
 
 
 @functools.cache
-def _skinny_gemm():
-    """The kernel's module, imported once (Triton is there only where CUDA is)."""
-    from pagedllm.kernels.triton import skinny_gemm
-    return skinny_gemm
+def _triton(kernel: str):
+    """A kernel's module, imported once (Triton is there only where CUDA is)."""
+    return importlib.import_module(f"pagedllm.kernels.triton.{kernel}")
 
 
 def copy_whole(param: torch.Tensor, tensor: torch.Tensor, shard: int | None = None) -> None:
@@ -78,8 +103,9 @@ class ColumnParallelLinear(nn.Module):
         if bias:
             self.bias.weight_loader = self._load
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, activate: bool = False) -> torch.Tensor:
+        """activate: the layer holds [gate | up] and returns silu(gate) * up (see linear())."""
+        return linear(x, self.weight, self.bias, activate=activate)
 
     def _load(self, param: torch.Tensor, tensor: torch.Tensor, shard: int | None = None) -> None:
         """`shard` names one logical projection (a checkpoint's q_proj); None means all of them

@@ -18,7 +18,8 @@ from torch import nn
 from pagedllm.distributed.parallel_state import SINGLE, TPGroup
 from pagedllm.layers.attention import Attention, AttentionMetadata, QKVLayout
 from pagedllm.layers.embedding import VocabParallelEmbedding
-from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, copy_whole
+from pagedllm.layers.linear import (ColumnParallelLinear, RowParallelLinear, Shard, activation_in_gate_up,
+                                    copy_whole)
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 
@@ -69,6 +70,8 @@ class MLP(nn.Module):
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if activation_in_gate_up(x, self.gate_up_proj.weight):
+            return self.down_proj(self.gate_up_proj(x, activate=True))
         return self.down_proj(self.gate_up_proj(x), gated=True)
 
 

@@ -2,8 +2,9 @@
 adds to): one program a row. Ours rather than a compiled torch function so that it can take part
 in programmatic dependent launch (pdl.py) between the skinny GEMMs of a batch-1 decode step.
 
-Only one row launches with PDL. With more rows cuBLAS GEMMs stand on both sides, and launching
-it with PDL there made Qwen3-0.6B's nano workload ~8% slower on the H200 (3 runs of 4; not
+It launches with PDL up to small_gemm.MAX_ROWS rows, where our GEMMs stand on both sides (a kernel
+launched after one without PDL cannot overlap it). With more rows cuBLAS GEMMs stand there, and
+launching it with PDL made Qwen3-0.6B's nano workload ~8% slower on the H200 (3 runs of 4; not
 understood), while the attention kernels' PDL after cuBLAS made no difference."""
 
 import torch
@@ -12,6 +13,7 @@ import triton.language as tl
 
 from pagedllm.kernels.triton import pdl
 from pagedllm.kernels.triton.pdl import wait_for_inputs
+from pagedllm.kernels.triton.small_gemm import MAX_ROWS
 
 
 @triton.jit
@@ -52,5 +54,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(tokens,)](x, residual, weight, out, summed, eps, hidden, x.stride(0), residual.stride(0),
                                     BLOCK=block, HAS_RESIDUAL=summed is not out,
                                     num_warps=min(16, max(1, block // 256)),
-                                    **pdl.launch_options(x.device, wanted=tokens == 1))
+                                    **pdl.launch_options(x.device, wanted=tokens <= MAX_ROWS))
     return out if summed is out else (out, summed)
