@@ -151,6 +151,25 @@ def test_roofline_formula():
     assert measure_peak_flops("cpu", torch.float32, n=64, repeats=2)["peak_flops_per_s"] > 0
 
 
+@pytest.mark.parametrize("cores", [1, 2])
+def test_roofline_counts_every_data_parallel_device(cores):
+    """With N engine cores the step count is all of theirs, streamed by N devices at once: the
+    ideal time is 1/N of one device's (an H200 x2 run reported a fraction of 1.146 before)."""
+    from types import SimpleNamespace
+    from pagedllm.bench.roofline import StepCounter, roofline
+    model = SimpleNamespace(kv_bytes_per_token_per_rank=2, tensor_parallel_size=1)
+    engine = SimpleNamespace(model_info=lambda: {"weight_bytes": 100},
+                             config=SimpleNamespace(model=model, data_parallel_size=cores))
+    counter = StepCounter(SimpleNamespace(llm_engine=engine))
+    counter.decode_steps = 6
+    r = roofline(SimpleNamespace(llm_engine=engine), counter, [10, 10], [3, 3], elapsed=1000.0, bandwidth=1.0)
+    assert r["roofline_devices"] == cores
+    assert r["ideal_time_s"] == (6 * 100 + 2 * 33 * 2) / cores
+    assert r["roofline_fraction"] == r["ideal_time_s"] / 1000.0
+    one = roofline(SimpleNamespace(llm_engine=engine), counter, [10], [3], elapsed=1000.0, bandwidth=1.0)
+    assert one["ideal_time_s"] == 6 * 100 + 33 * 2     # one request keeps one core busy
+
+
 def test_step_shapes_and_flops(tiny):
     """The engine core's step log (what the combined roofline sums over) for one request: a
     prefill of 12 tokens in one step, then one token per step; and the FLOPs formula's linear

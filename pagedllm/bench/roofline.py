@@ -161,13 +161,16 @@ class StepCounter:
 def roofline(llm, counter: StepCounter, prompt_lens: list[int], output_lens: list[int], elapsed: float,
              bandwidth: float, peak_flops: float | None = None) -> dict:
     """The roofline fields of a result: ideal time, fraction, and what went into them; with the
-    measured peak, the combined (compute-aware) ones too."""
+    measured peak, the combined (compute-aware) ones too. With data-parallel engine cores the
+    counted steps are all the busy cores' together, on as many devices, so the ideal divides by
+    them (a request runs on one core: no more cores are busy than there are requests)."""
     wb = llm.llm_engine.model_info()["weight_bytes"]
     model = llm.llm_engine.config.model
     kvb = model.kv_bytes_per_token_per_rank
-    ideal = ideal_time(counter.decode_steps, wb, kvb, prompt_lens, output_lens, bandwidth)
+    cores = min(llm.llm_engine.config.data_parallel_size, len(prompt_lens))
+    ideal = ideal_time(counter.decode_steps, wb, kvb, prompt_lens, output_lens, bandwidth) / cores
     result = {
-        "tensor_parallel_size": model.tensor_parallel_size,
+        "tensor_parallel_size": model.tensor_parallel_size, "roofline_devices": cores,
         "weight_bytes": wb, "kv_bytes_per_token": kvb, "decode_steps": counter.decode_steps,
         "engine_steps": counter.steps, "kv_token_reads": kv_token_reads(prompt_lens, output_lens),
         "bandwidth_bytes_per_s": bandwidth, "ideal_time_s": ideal,
@@ -175,7 +178,7 @@ def roofline(llm, counter: StepCounter, prompt_lens: list[int], output_lens: lis
         "roofline_fraction": ideal / elapsed if elapsed > 0 else None,
     }
     if peak_flops is not None:
-        combined = combined_ideal_time(counter.shapes, wb, kvb, model, bandwidth, peak_flops)
+        combined = combined_ideal_time(counter.shapes, wb, kvb, model, bandwidth, peak_flops) / cores
         flops = sum(step_flops(step, model) for step in counter.shapes)
         result.update({"peak_flops_per_s": peak_flops, "flops": flops, "ideal_time_combined_s": combined,
                        "roofline_fraction_combined": combined / elapsed if elapsed > 0 else None})
