@@ -19,10 +19,11 @@ def _engine(max_num_batched_tokens: int = 256) -> LLMEngine:
 
 
 def test_hash_block_bytes_unchanged():
-    """Prefix-cache keys: blake2b of the parent hash and the comma-joined decimal token ids."""
+    """Prefix-cache keys: blake2b of the parent hash and the token ids as little-endian int64s (the
+    same on every machine: the router and the engine cores compare them)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(b"\0")
-    h.update(b"1,22,333")
+    h.update(b"".join(t.to_bytes(8, "little") for t in (1, 22, 333)))
     assert hash_block(None, [1, 22, 333]) == h.digest()
 
 

@@ -10,6 +10,8 @@ as the pool allows (LRU eviction).
 """
 
 import hashlib
+import sys
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -25,10 +27,14 @@ class Block:
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
-    """Chained content hash: a block is identified by its tokens and everything before them."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent_hash or b"\0")
-    h.update(",".join(map(str, token_ids)).encode())
+    """Chained content hash: a block is identified by its tokens and everything before them. The ids
+    go in as little-endian int64s: packing them that way costs half of what formatting them as text
+    did (a 1024-token prompt is 64 of these per request on the engine's thread)."""
+    ids = array("q", token_ids)
+    if sys.byteorder == "big":
+        ids.byteswap()
+    h = hashlib.blake2b(parent_hash or b"\0", digest_size=16)
+    h.update(ids.tobytes())
     return h.digest()
 
 
