@@ -25,19 +25,27 @@ from pagedllm.layers.linear import activation_in_gate_up, linear
 from skinny_gemm_sweep import SHAPES, STREAMED_BYTES, graph_us
 
 ROWS = (1, 2, 8, 16, 32, 64)
+LARGE_ROWS = (96, 128, 192, 256)   # `--large`: a large decode batch's rows, where cuBLAS runs today
 STEP_ROWS = (1, 2, 8, 16, 32, 48, 64)
 MODELS = {"0.6B": (28, 1024, 2048, 3072), "8B": (36, 4096, 4096, 12288)}   # layers, hidden, q width, inter
 
 
 def candidates(m: int, n: int, silu: bool, quick: bool) -> list[dict]:
-    """Tiles no taller than the batch needs (16 at least: tl.dot's smallest), stages that fit."""
+    """Tiles no taller than the batch needs (16 at least: tl.dot's smallest), stages that fit; past 64
+    rows, tiles of 64 or 128 rows (8 warps for 128) and shorter K tiles."""
     tallest = max(16, triton.next_power_of_2(m))
-    grid = ((16, 32, 64), (16, 32, 64, 128), (128, 256), (3, 5)) if not quick else ((16, 64), (32,), (128,), (3,))
+    if quick:
+        grid = ((16, 64), (32,), (128,), (3,))
+    elif m > 64:
+        grid = ((64, 128), (32, 64, 128), (64, 128), (3, 4))
+    else:
+        grid = ((16, 32, 64), (16, 32, 64, 128), (128, 256), (3, 5))
     out = []
     for bm, bn, bk, stages in itertools.product(*grid):
         stage = small_gemm.stage_bytes(bm, bn, bk, silu)
         if bm <= tallest and bn <= triton.next_power_of_2(n) and stage * (stages + 1) <= small_gemm.SHARED_MEMORY:
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, pdl=True, num_warps=4))
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, pdl=True,
+                            num_warps=8 if bm == 128 else 4))
     return out
 
 
@@ -110,18 +118,8 @@ def model_step(weights: list, m: int, ours: bool) -> float:
     return graph_us(launches) * len(launches)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="a small grid (for a smoke test)")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    t0 = time.time()
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "shapes": {}, "steps": {}}
-    for (name, (n, k)), m in itertools.product(SHAPES.items(), ROWS[:3] if args.quick else ROWS):
-        out["shapes"][f"{name} M={m}"] = sweep(name, n, k, m, args.quick)
-    print(f"({time.time() - t0:.0f} s)\n\nA decode step's layer GEMMs, us: cuBLAS + SiLU-and-mul vs linear() as the"
-          " MLP calls it")
+def step_table(out: dict) -> None:
+    print("\nA decode step's layer GEMMs, us: cuBLAS + SiLU-and-mul vs linear() as the MLP calls it")
     for name in MODELS:
         weights = model_weights(name)
         for m in STEP_ROWS:
@@ -130,6 +128,23 @@ def main() -> None:
             print(f"  {name:5} M={m:3}  {cublas:8.1f}  {ours:8.1f}  ({ours / cublas:.3f})", flush=True)
         del weights
         torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="a small grid (for a smoke test)")
+    parser.add_argument("--large", action="store_true", help=f"rows {LARGE_ROWS} instead of {ROWS}")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    t0 = time.time()
+    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+           "shapes": {}, "steps": {}}
+    rows = LARGE_ROWS if args.large else ROWS
+    for (name, (n, k)), m in itertools.product(SHAPES.items(), rows[:3] if args.quick else rows):
+        out["shapes"][f"{name} M={m}"] = sweep(name, n, k, m, args.quick)
+    print(f"({time.time() - t0:.0f} s)")
+    if not args.large:   # linear() leaves larger batches to cuBLAS: no step table to compare there
+        step_table(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
