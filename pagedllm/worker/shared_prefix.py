@@ -37,13 +37,14 @@ def plan_shared_prefixes(tables: np.ndarray, seq_lens: np.ndarray, block_size: i
     active = np.flatnonzero(seq_lens > 0)
     if len(active) < 2:
         return None
-    _, group_of, counts = np.unique(tables[active, 0], return_inverse=True, return_counts=True)
-    if counts.max() < 2:
-        return None
+    first = tables[active, 0]
+    by_first = np.argsort(first, kind="stable")
+    cuts = np.flatnonzero(np.diff(first[by_first])) + 1     # where the first block id changes
+    if len(cuts) == len(active) - 1:
+        return None                          # no two sequences start alike
     inside = seq_lens // block_size          # whole blocks within each context
-    order = active[np.argsort(group_of, kind="stable")]
     groups = []
-    for members in np.split(order, np.cumsum(counts)[:-1]):
+    for members in np.split(active[by_first], cuts):
         if len(members) < 2:
             continue
         rows = tables[members]
@@ -55,13 +56,14 @@ def plan_shared_prefixes(tables: np.ndarray, seq_lens: np.ndarray, block_size: i
         return None
     groups.sort(key=lambda g: -g[0])
     shared_lens = np.zeros(len(tables), dtype=np.int32)
-    tile_seqs, tile_lens = [], []
+    tile_seqs = np.full((MAX_TILES, tile_size), -1, dtype=np.int32)
+    tile_lens = []
     for _, members, blocks in groups:
         for start in range(0, len(members), tile_size):
             if len(tile_lens) == MAX_TILES:
                 break
             chunk = members[start:start + tile_size]
-            tile_seqs.append(np.pad(chunk, (0, tile_size - len(chunk)), constant_values=-1))
+            tile_seqs[len(tile_lens), :len(chunk)] = chunk
             tile_lens.append(blocks * block_size)
             shared_lens[chunk] = blocks * block_size
-    return SharedPrefixPlan(shared_lens, np.array(tile_seqs, dtype=np.int32), np.array(tile_lens, dtype=np.int32))
+    return SharedPrefixPlan(shared_lens, tile_seqs[:len(tile_lens)], np.array(tile_lens, dtype=np.int32))
