@@ -248,3 +248,14 @@ def test_source_digest_names_the_code_that_ran(tmp_path):
     (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
     assert source_digest(tmp_path / "pkg") != before
     assert (PACKAGE / "bench" / "results.py").is_file()
+
+
+def test_output_names_keep_their_dots(tmp_path):
+    """`--output latency-0.6b-abc` writes latency-0.6b-abc.json and .md (Path.with_suffix made that
+    latency-0.json, and two such runs overwrote each other); a given .json is not doubled."""
+    from pagedllm.bench.results import output_file, save
+    save({"x": 1}, str(tmp_path / "latency-0.6b-abc"), "| x |")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latency-0.6b-abc.json", "latency-0.6b-abc.md"]
+    assert json.loads((tmp_path / "latency-0.6b-abc.json").read_text()) == {"x": 1}
+    assert output_file(tmp_path / "run.json", ".md") == tmp_path / "run.md"
+    assert output_file("out/nano-8b", ".png").name == "nano-8b.png"

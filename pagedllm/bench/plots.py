@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from pagedllm.bench.results import output_file
+
 
 def bar_chart(path: str | Path, labels: list[str], values: list[float], title: str, ylabel: str) -> Path | None:
     try:
@@ -11,7 +13,7 @@ def bar_chart(path: str | Path, labels: list[str], values: list[float], title: s
     except ImportError:
         print("matplotlib is not installed: no plot")
         return None
-    path = Path(path).with_suffix(".png")
+    path = output_file(path, ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(labels) + 1), 3.6))
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#7f7f7f"]

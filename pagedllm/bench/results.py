@@ -79,13 +79,25 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+OUTPUT_SUFFIXES = (".json", ".md", ".png")
+
+
+def output_file(output: str | Path, suffix: str) -> Path:
+    """<output><suffix>. A dot in the name is part of it ("latency-0.6b" -> "latency-0.6b.json"); only
+    one of OUTPUT_SUFFIXES at its end is replaced."""
+    path = Path(output)
+    if path.suffix in OUTPUT_SUFFIXES:
+        path = path.with_suffix("")
+    return path.with_name(path.name + suffix)
+
+
 def save(result: dict, output: str | None, table: str) -> None:
     """Print the table, and write <output>.json and <output>.md when an output path is given."""
     print(table)
     if not output:
         return
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    path.with_suffix(".md").write_text(table + "\n")
-    print(f"wrote {path.with_suffix('.json')} and {path.with_suffix('.md')}")
+    json_path, md_path = output_file(output, ".json"), output_file(output, ".md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md_path.write_text(table + "\n")
+    print(f"wrote {json_path} and {md_path}")
