@@ -180,7 +180,12 @@ async def run_requests(cfg: ClientConfig, requests: list, ready=None) -> list[Re
 
 def _client_process(cfg: ClientConfig, requests: list, ready) -> tuple[list[RequestResult], float]:
     before = resource.getrusage(resource.RUSAGE_SELF)
-    results = asyncio.run(run_requests(cfg, requests, ready))
+    try:
+        results = asyncio.run(run_requests(cfg, requests, ready))
+    except BaseException:
+        if ready is not None:
+            ready.abort()    # the other processes and the parent stop waiting for this one
+        raise
     after = resource.getrusage(resource.RUSAGE_SELF)
     return results, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
