@@ -9,8 +9,6 @@ Each parameter carries a `weight_loader(param, tensor, shard=None)` that copies 
 of a full checkpoint tensor; with one rank the piece is the whole tensor.
 """
 
-import functools
-import importlib
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import TPGroup
+from pagedllm.kernels import triton_module
 from pagedllm.layers.activation import silu_and_mul
 
 
@@ -51,9 +50,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     kernel = _kernel(x, weight, bias)
     if kernel == "skinny_gemm":
         assert not activate
-        return _triton(kernel).skinny_linear(x, weight, gated)
+        return triton_module(kernel).skinny_linear(x, weight, gated)
     if kernel == "small_gemm":
-        return _triton(kernel).small_linear(silu_and_mul(x) if gated else x, weight, silu_and_mul=activate)
+        return triton_module(kernel).small_linear(silu_and_mul(x) if gated else x, weight, silu_and_mul=activate)
     y = F.linear(silu_and_mul(x) if gated else x, weight, bias)
     return silu_and_mul(y) if activate else y
 
@@ -73,13 +72,7 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         return None
     if x.shape[0] == 1 and x.is_contiguous() and weight.numel() < SKINNY_MAX_WEIGHTS:
         return "skinny_gemm"
-    return "small_gemm" if x.shape[0] <= _triton("small_gemm").MAX_ROWS else None
-
-
-@functools.cache
-def _triton(kernel: str):
-    """A kernel's module, imported once (Triton is there only where CUDA is)."""
-    return importlib.import_module(f"pagedllm.kernels.triton.{kernel}")
+    return "small_gemm" if x.shape[0] <= triton_module("small_gemm").MAX_ROWS else None
 
 
 def copy_whole(param: torch.Tensor, tensor: torch.Tensor, shard: int | None = None) -> None:

@@ -1,10 +1,9 @@
 """RMSNorm, optionally fused with the residual add that precedes it in every decoder layer."""
 
-import functools
-
 import torch
 from torch import nn
 
+from pagedllm.kernels import triton_module
 from pagedllm.layers.compile import fused_on_gpu
 
 
@@ -22,18 +21,11 @@ def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return _rms_norm.__wrapped__(x, weight, eps), x
 
 
-@functools.cache
-def _triton_rms_norm():
-    """The kernel's module, imported once (Triton is there only where CUDA is)."""
-    from pagedllm.kernels.triton import rms_norm
-    return rms_norm
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """norm(x) * weight, or with a residual (norm(x + residual) * weight, x + residual). Rows of
     hidden states on a GPU take the Triton kernel; anything else the torch ops above."""
     if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
-        return _triton_rms_norm().rms_norm(x, weight, eps, residual)
+        return triton_module("rms_norm").rms_norm(x, weight, eps, residual)
     return _rms_norm(x, weight, eps) if residual is None else _add_rms_norm(x, residual, weight, eps)
 
 
