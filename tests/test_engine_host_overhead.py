@@ -4,10 +4,14 @@ engine core and the offline front end around it."""
 import hashlib
 import random
 
+import numpy as np
+import pytest
+
 from engine_fakes import InstantExecutor, dummy_config
 
 from pagedllm.engine.client import InprocClient
 from pagedllm.engine.core import EngineCore
+from pagedllm.engine.input_processor import in_vocabulary
 from pagedllm.engine.kv_cache import hash_block
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.sampling_params import SamplingParams
@@ -69,3 +73,17 @@ def test_prompt_tokens_counted_once_per_computation():
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.get_stats()["prompt_tokens_computed"] == 200
+
+
+def test_prompt_ids_checked_against_the_vocabulary():
+    """The fast check accepts exactly the prompts a test per token would, and the engine names the prompt."""
+    vocab = 1000
+    for ids in ([0, 999], [5] * 300, [True, 3], [np.int64(3)], [-1, 5], [0, 1000], [3, 2.0], [3, "4"], [None],
+                [3, 10 ** 30], [-10 ** 30]):
+        assert in_vocabulary(ids, vocab) == all(type(t) is int and 0 <= t < vocab for t in ids), ids
+    engine = _engine()
+    for ids in ([1, -1], [1, 151936], [1, 2.5], ["a"]):
+        with pytest.raises(ValueError, match="prompt token ids"):
+            engine.add_request("bad", ids, SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished_requests()
+
