@@ -50,13 +50,18 @@ class LLM:
         prompts = _as_list(prompts)
         params_list = _params_list(sampling_params, len(prompts))
         ids = []
+        queued = 0   # prompt tokens added so far
+        budget = self.llm_engine.config.scheduler.max_num_batched_tokens
         try:
             for prompt, params in zip(prompts, params_list):
                 request_id = self.llm_engine.new_request_id()
                 text, tokens = _split_prompt(prompt)
-                self.llm_engine.add_request(request_id, tokens if tokens is not None else text,
-                                        _final_only(params), prompt_text=text)
+                added = self.llm_engine.add_request(request_id, tokens if tokens is not None else text,
+                                                    _final_only(params), prompt_text=text)
                 ids.append(request_id)
+                queued += added
+                if queued >= budget > queued - added:   # a step's worth: the device starts on it now
+                    self.llm_engine.start_step()
         except ValueError:
             for request_id in ids:
                 self.llm_engine.abort_request(request_id)

@@ -54,6 +54,13 @@ def core_error(reason: str) -> Exception:
 class InprocClient:
     def __init__(self, core) -> None:
         self.core = core
+        self._started: EngineCoreOutputs | None = None   # what start_step()'s step returned
+
+    def start_step(self) -> None:
+        """Launch a step now if none is in flight, so that the device works on the requests queued
+        so far while more are added; what that step returns comes with the next get_output()."""
+        if self._started is None and not self.core.step_in_flight and self.core.has_work():
+            self._started = self.core.step()
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         self.core.add_requests(requests)
@@ -62,6 +69,9 @@ class InprocClient:
         self.core.abort_requests(request_ids)
 
     def get_output(self) -> EngineCoreOutputs:
+        if self._started is not None:
+            started, self._started = self._started, None
+            return started
         if not self.core.has_work():
             raise RuntimeError("get_output() with nothing in the engine core")
         return self.core.step()
@@ -226,6 +236,9 @@ class SyncMPClient:
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         self._input.send(serial.encode(AddRequests(requests)))
+
+    def start_step(self) -> None:
+        """Nothing to do: a core in its own process steps as soon as it has requests."""
 
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:

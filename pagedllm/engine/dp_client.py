@@ -147,6 +147,9 @@ class DPSyncClient:
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         _route(self.router, self.cores, requests)
 
+    def start_step(self) -> None:
+        """Nothing to do: each core steps in its own process as soon as it has requests."""
+
     def abort_requests(self, request_ids: list[str]) -> None:
         _abort(self.router, self.cores, request_ids)
 

@@ -50,9 +50,9 @@ class LLMEngine:
         return str(self._next_id)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    prompt_text: str | None = None, arrival_time: float | None = None) -> None:
-        """Validate and queue a request (`prompt`: text or token ids). Raises ValueError, naming
-        the parameter, before anything reaches the engine core."""
+                    prompt_text: str | None = None, arrival_time: float | None = None) -> int:
+        """Validate and queue a request (`prompt`: text or token ids); returns its prompt's length in
+        tokens. Raises ValueError, naming the parameter, before anything reaches the engine core."""
         if isinstance(prompt, str):
             prompt_text, token_ids = prompt, self.input_processor.tokenize(prompt)
         else:
@@ -60,6 +60,12 @@ class LLMEngine:
         requests = self.input_processor.process(request_id, token_ids, params, arrival_time)
         self.output_processor.add_request(request_id, prompt_text, token_ids, params, requests[0].arrival_time)
         self.engine_core.add_requests(requests)
+        return len(token_ids)
+
+    def start_step(self) -> None:
+        """Start the engine core's next step now if it is idle (a core in this process steps only
+        when asked), so that the device is at work while more requests are being added."""
+        self.engine_core.start_step()
 
     def abort_request(self, request_id: str) -> None:
         self.engine_core.abort_requests(self.output_processor.abort_request(request_id))
