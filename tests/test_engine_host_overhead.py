@@ -90,8 +90,8 @@ def test_prompt_ids_checked_against_the_vocabulary():
 
 
 def test_generate_starts_the_first_step_while_prompts_are_added():
-    """LLM.generate launches a step once a step's worth of prompt tokens is queued, and adds the
-    rest while it runs; every request still completes, in input order."""
+    """LLM.generate launches a step once FIRST_STEP_BUDGETS steps' worth of prompt tokens are queued,
+    and adds the rest while it runs; every request still completes, in input order."""
     engine = _engine(max_num_batched_tokens=256)
     core = engine.engine_core.core
     queued_at_step = []
@@ -99,9 +99,9 @@ def test_generate_starts_the_first_step_while_prompts_are_added():
     core.step = lambda: queued_at_step.append(len(core.scheduler.requests)) or step()
     llm = LLM.__new__(LLM)
     llm.llm_engine = engine
-    prompts = [[i + 1] * 100 for i in range(12)]
+    prompts = [[i + 1] * 100 for i in range(24)]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=4, ignore_eos=True))
-    assert queued_at_step[0] == 3 and queued_at_step[1] == 12   # 300 tokens >= 256; then all of them
+    assert queued_at_step[0] == 11 and queued_at_step[1] == 24   # 1,100 tokens >= 4 x 256; then all of them
     assert [o.prompt_token_ids for o in outputs] == prompts
     assert all(len(o.outputs[0].token_ids) == 4 for o in outputs)
     assert not engine.has_unfinished_requests() and not core.step_in_flight
@@ -115,7 +115,7 @@ def test_bad_prompt_after_the_first_step_started():
     llm.llm_engine = engine
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     with pytest.raises(ValueError, match="prompt token ids"):
-        llm.generate([[1] * 200, [2] * 200, [3, -1]], params)
+        llm.generate([[1] * 600, [2] * 600, [3, -1]], params)
     assert engine.engine_core.core.step_in_flight and not engine.has_unfinished_requests()
     outputs = llm.generate([[4] * 50, [5] * 60], params)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [3, 3]
