@@ -90,8 +90,8 @@ def test_prompt_ids_checked_against_the_vocabulary():
 
 
 def test_generate_starts_the_first_step_while_prompts_are_added():
-    """LLM.generate launches a step once FIRST_STEP_BUDGETS steps' worth of prompt tokens are queued,
-    and adds the rest while it runs; every request still completes, in input order."""
+    """LLM.generate runs a step each time STEP_EVERY_BUDGETS steps' worth of prompt tokens have been
+    added, and adds the next ones while it runs; every request still completes, in input order."""
     engine = _engine(max_num_batched_tokens=256)
     core = engine.engine_core.core
     queued_at_step = []
@@ -101,7 +101,7 @@ def test_generate_starts_the_first_step_while_prompts_are_added():
     llm.llm_engine = engine
     prompts = [[i + 1] * 100 for i in range(24)]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=4, ignore_eos=True))
-    assert queued_at_step[0] == 11 and queued_at_step[1] == 24   # 1,100 tokens >= 4 x 256; then all of them
+    assert queued_at_step[:3] == [11, 22, 24]   # every 1,100 tokens (>= 4 x 256), then all of them
     assert [o.prompt_token_ids for o in outputs] == prompts
     assert all(len(o.outputs[0].token_ids) == 4 for o in outputs)
     assert not engine.has_unfinished_requests() and not core.step_in_flight

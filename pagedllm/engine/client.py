@@ -54,13 +54,13 @@ def core_error(reason: str) -> Exception:
 class InprocClient:
     def __init__(self, core) -> None:
         self.core = core
-        self._started: EngineCoreOutputs | None = None   # what start_step()'s step returned
+        self._started: deque[EngineCoreOutputs] = deque()   # what start_step()'s steps returned
 
     def start_step(self) -> None:
-        """Launch a step now if none is in flight, so that the device works on the requests queued
-        so far while more are added; what that step returns comes with the next get_output()."""
-        if self._started is None and not self.core.step_in_flight and self.core.has_work():
-            self._started = self.core.step()
+        """Run a step now: the core launches it on the requests queued so far, then waits for the
+        step before it, if one is in flight; its outputs come first from get_output()."""
+        if self.core.has_work():
+            self._started.append(self.core.step())
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         self.core.add_requests(requests)
@@ -69,9 +69,8 @@ class InprocClient:
         self.core.abort_requests(request_ids)
 
     def get_output(self) -> EngineCoreOutputs:
-        if self._started is not None:
-            started, self._started = self._started, None
-            return started
+        if self._started:
+            return self._started.popleft()
         if not self.core.has_work():
             raise RuntimeError("get_output() with nothing in the engine core")
         return self.core.step()

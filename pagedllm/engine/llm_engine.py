@@ -63,8 +63,8 @@ class LLMEngine:
         return len(token_ids)
 
     def start_step(self) -> None:
-        """Start the engine core's next step now if it is idle (a core in this process steps only
-        when asked), so that the device is at work while more requests are being added."""
+        """Run an engine core step now (a core in this process steps only when asked), so that the
+        device is at work while more requests are being added; its outputs come from the next step()."""
         self.engine_core.start_step()
 
     def abort_request(self, request_id: str) -> None:
