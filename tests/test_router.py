@@ -3,12 +3,20 @@ router's choices (prefix affinity, the load guard, least-loaded, round-robin, a 
 
 import pytest
 
-from pagedllm.engine.kv_cache import BlockPool, KVCacheManager
+from pagedllm.engine.kv_cache import BlockPool, KVCacheManager, extend_block_hashes
 from pagedllm.engine.request import Request
-from pagedllm.engine.router import BALANCE_ABS, Router, prompt_block_hashes
+from pagedllm.engine.router import BALANCE_ABS, Router
 from pagedllm.sampling_params import SamplingParams
 
 BS = 4
+
+
+def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
+    """Every full block's chained hash that a core could reuse (never the last token's block)."""
+    hashes: list[bytes] = []
+    extend_block_hashes(hashes, lambda start, end: token_ids[start:end], (len(token_ids) - 1) // block_size,
+                        block_size)
+    return hashes
 
 
 def test_pool_reports_the_last_change_of_each_hash():
@@ -55,7 +63,24 @@ def test_prefix_affinity_follows_reported_and_pending_blocks():
     assert router.route(["d"], shared + [5, 6]) == first              # reported by the core
     router.observe(first, [], prompt_block_hashes(shared + [0], BS), None)
     router.finish("d")
-    assert router.matched_blocks(first, prompt_block_hashes(shared + [0], BS)) == 0
+    assert not router.cached[first] and not router.pending[first]
+
+
+def test_prompts_are_hashed_only_as_far_as_a_core_holds_them():
+    """A prompt no core holds costs one block hash; one that follows a pending or reported prefix,
+    that prefix and one block more; each list is the start of the prompt's full list of hashes."""
+    router = _router()
+    shared = list(range(300, 340))                          # 10 blocks
+    prompts = {"a": shared + [1, 2, 3, 4, 5], "b": shared + [6, 7, 8, 9, 10], "c": list(range(500, 545))}
+    recorded = {}
+    for name, prompt in prompts.items():
+        router.route([name], prompt)
+        recorded[name] = router._sequences[name][1]
+        assert recorded[name] == prompt_block_hashes(prompt, BS)[:len(recorded[name])]
+    assert [len(recorded[name]) for name in "abc"] == [1, 2, 1]   # b matches a's pending first block
+    router.observe(router.core_of("a"), prompt_block_hashes(prompts["a"], BS), [], None)
+    router.route(["d"], shared + [11, 12, 13, 14, 15])
+    assert len(router._sequences["d"][1]) == 11 and router.core_of("d") == router.core_of("a")
 
 
 def test_affinity_yields_to_a_much_less_loaded_core():

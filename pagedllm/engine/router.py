@@ -9,7 +9,8 @@ Policies (`--routing`):
 What a core holds is known from the core itself: each core reports the chained block hashes its
 KV cache manager caches and evicts (kv_cache.extend_block_hashes, which hashes prompts here too),
 and the router adds the prompts it has sent there and not seen finish (their blocks are being
-computed there). A core's load is the larger of the sequences this front end sent there and has
+computed there). A prompt is hashed only as far as some core holds its blocks, plus one block: a
+burst of new prompts, which no core holds yet, costs one hash each, not one a block. A core's load is the larger of the sequences this front end sent there and has
 not seen finish, and the running + waiting sequences the core last reported: with several API
 processes each sees only its own share, and a report lags the sends made since. Plain bookkeeping:
 no sockets, no clock.
@@ -25,13 +26,6 @@ ROUTING_POLICIES = ("prefix", "least-loaded", "round-robin")
 # than BALANCE_ABS and more than BALANCE_REL times as many unfinished sequences more than it
 BALANCE_ABS = 32
 BALANCE_REL = 0.5
-
-
-def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
-    """The chained hashes of the prompt's full blocks that a core could reuse (never the last token)."""
-    hashes: list[bytes] = []
-    extend_block_hashes(hashes, lambda start, end: token_ids[start:end], (len(token_ids) - 1) // block_size, block_size)
-    return hashes
 
 
 class Router:
@@ -59,35 +53,46 @@ class Router:
         live = [i for i, ok in enumerate(self.alive) if ok]
         if not live:
             raise RuntimeError("no engine core is running")
-        hashes = prompt_block_hashes(token_ids, self.block_size) if self.policy == "prefix" else []
-        core = self._pick(live, hashes)
+        hashes, matched = self._match(live, token_ids) if self.policy == "prefix" else ([], {})
+        core = self._pick(live, matched)
         for sequence_id in sequence_ids:
             self._sequences[sequence_id] = (core, hashes)
             self.pending[core].update(hashes)
         self.load[core] += len(sequence_ids)
         return core
 
-    def _pick(self, live: list[int], hashes: list[bytes]) -> int:
+    def _match(self, live: list[int], token_ids: list[int]) -> tuple[list[bytes], dict[int, int]]:
+        """The prompt's leading block hashes, as far as any live core holds or computes them plus the
+        first that none does (hashed in chunks that double), and how many of them each core has."""
+        hashes: list[bytes] = []
+        matched = dict.fromkeys(live, 0)
+        holders = list(live)
+        num_blocks = (len(token_ids) - 1) // self.block_size
+        while holders and len(hashes) < num_blocks:
+            first = len(hashes)
+            extend_block_hashes(hashes, lambda start, end: token_ids[start:end], min(num_blocks, 2 * first + 1),
+                                self.block_size)
+            for n in range(first, len(hashes)):
+                holders = [i for i in holders if hashes[n] in self.cached[i] or self.pending[i][hashes[n]]]
+                if not holders:
+                    del hashes[n + 1:]
+                    break
+                for i in holders:
+                    matched[i] = n + 1
+        return hashes, matched
+
+    def _pick(self, live: list[int], matched: dict[int, int]) -> int:
         if self.policy == "round-robin":
             return next(i for i in self._turn if self.alive[i])
         busy = {i: max(self.load[i], self.reported[i]) for i in live}
         least = min(live, key=lambda i: (busy[i], self.kv_usage[i]))
-        if not hashes:
+        if not matched:
             return least
-        matched = {i: self.matched_blocks(i, hashes) for i in live}
         best = max(live, key=lambda i: (matched[i], -busy[i], -self.kv_usage[i]))
         if matched[best] == 0:
             return least
         excess = busy[best] - busy[least]
         return least if excess > BALANCE_ABS and excess > BALANCE_REL * busy[least] else best
-
-    def matched_blocks(self, core: int, hashes: list[bytes]) -> int:
-        """How many leading blocks of the prompt the core holds or is computing."""
-        cached, pending = self.cached[core], self.pending[core]
-        for n, h in enumerate(hashes):
-            if h not in cached and not pending[h]:
-                return n
-        return len(hashes)
 
     def core_of(self, sequence_id: str) -> int | None:
         entry = self._sequences.get(sequence_id)
