@@ -10,10 +10,10 @@ What a core holds is known from the core itself: each core reports the chained b
 KV cache manager caches and evicts (kv_cache.extend_block_hashes, which hashes prompts here too),
 and the router adds the prompts it has sent there and not seen finish (their blocks are being
 computed there). A prompt is hashed only as far as some core holds its blocks, plus one block: a
-burst of new prompts, which no core holds yet, costs one hash each, not one a block. A core's load is the larger of the sequences this front end sent there and has
-not seen finish, and the running + waiting sequences the core last reported: with several API
-processes each sees only its own share, and a report lags the sends made since. Plain bookkeeping:
-no sockets, no clock.
+burst of new prompts, which no core holds yet, costs one hash each, not one a block. A core's load
+is the larger of the sequences this front end sent there and has not seen finish, and the running
++ waiting sequences the core last reported: with several API processes each sees only its own
+share, and a report lags the sends made since. Plain bookkeeping: no sockets, no clock.
 """
 
 import itertools
@@ -68,10 +68,13 @@ class Router:
         matched = dict.fromkeys(live, 0)
         holders = list(live)
         num_blocks = (len(token_ids) - 1) // self.block_size
+
+        def tokens_in(start: int, end: int) -> list[int]:
+            return token_ids[start:end]
+
         while holders and len(hashes) < num_blocks:
             first = len(hashes)
-            extend_block_hashes(hashes, lambda start, end: token_ids[start:end], min(num_blocks, 2 * first + 1),
-                                self.block_size)
+            extend_block_hashes(hashes, tokens_in, min(num_blocks, 2 * first + 1), self.block_size)
             for n in range(first, len(hashes)):
                 holders = [i for i in holders if hashes[n] in self.cached[i] or self.pending[i][hashes[n]]]
                 if not holders:
