@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from engine_fakes import InstantExecutor, dummy_config
+from test_kv_cache import hash_block
 
 from pagedllm.engine.client import InprocClient
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.input_processor import in_vocabulary
-from pagedllm.engine.kv_cache import hash_block
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.llm import LLM
 from pagedllm.sampling_params import SamplingParams
@@ -104,7 +104,7 @@ def test_generate_starts_the_first_step_while_prompts_are_added():
     assert queued_at_step[:3] == [11, 22, 24]   # every 1,100 tokens (>= 4 x 256), then all of them
     assert [o.prompt_token_ids for o in outputs] == prompts
     assert all(len(o.outputs[0].token_ids) == 4 for o in outputs)
-    assert not engine.has_unfinished_requests() and not core.step_in_flight
+    assert not engine.has_unfinished_requests() and not core.has_work()
 
 
 def test_bad_prompt_after_the_first_step_started():
@@ -116,7 +116,9 @@ def test_bad_prompt_after_the_first_step_started():
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     with pytest.raises(ValueError, match="prompt token ids"):
         llm.generate([[1] * 600, [2] * 600, [3, -1]], params)
-    assert engine.engine_core.core.step_in_flight and not engine.has_unfinished_requests()
+    core = engine.engine_core.core
+    assert core.has_work() and not core.scheduler.has_unfinished()   # only the step that ran is in flight
+    assert not engine.has_unfinished_requests()
     outputs = llm.generate([[4] * 50, [5] * 60], params)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [3, 3]
     kv = engine.kv_cache_state()

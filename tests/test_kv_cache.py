@@ -1,8 +1,16 @@
 """Block pool and KV cache manager invariants: states, ref counts, prefix hits, LRU eviction."""
 
-from pagedllm.engine.kv_cache import BlockPool, KVCacheManager, hash_block
+from pagedllm.engine.kv_cache import BlockPool, KVCacheManager, extend_block_hashes
 from pagedllm.engine.request import Request
 from pagedllm.sampling_params import SamplingParams
+
+
+def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
+    """The chained hash of one block of token_ids after a block whose hash is parent_hash (the rule
+    extend_block_hashes applies to every full block of a prompt)."""
+    hashes = [] if parent_hash is None else [parent_hash]
+    extend_block_hashes(hashes, lambda start, end: token_ids, len(hashes) + 1, len(token_ids))
+    return hashes[-1]
 
 
 def req(rid: str, tokens: list[int], **params) -> Request:

@@ -95,10 +95,6 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
-    @property
-    def step_in_flight(self) -> bool:
-        return self._in_flight is not None
-
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
         start = time.monotonic()

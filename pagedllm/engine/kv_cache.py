@@ -35,15 +35,11 @@ def _packed(token_ids: list[int]) -> memoryview:
 
 
 def _chained(parent_hash: bytes | None, packed_block) -> bytes:
+    """Chained content hash: a block is identified by its tokens (as little-endian int64s) and
+    everything before them."""
     h = hashlib.blake2b(parent_hash or b"\0", digest_size=16)
     h.update(packed_block)
     return h.digest()
-
-
-def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
-    """Chained content hash: a block is identified by its tokens (as little-endian int64s) and
-    everything before them."""
-    return _chained(parent_hash, _packed(token_ids))
 
 
 def extend_block_hashes(hashes: list[bytes], tokens_in, num_full_blocks: int, block_size: int) -> None:
