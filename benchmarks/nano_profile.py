@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--max-len", type=int, default=1024, help="nano's largest prompt and output length")
     parser.add_argument("--runs", type=int, default=2, help="timed runs, each printed")
+    parser.add_argument("--prefill-only", action="store_true",
+                        help="one output token a request: the run is nano's prefill steps alone")
     parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                         help="a last run under torch.profiler, its kernel times by kind")
     args = parser.parse_args()
@@ -112,7 +114,8 @@ def main() -> None:
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096)
     requests = nano_requests(llm.llm_engine.vocab_size, args.num_prompts, max_len=args.max_len)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = [SamplingParams(temperature=0.6, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+    params = [SamplingParams(temperature=0.6, max_tokens=1 if args.prefill_only else r.output_len, ignore_eos=True)
+              for r in requests]
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s, peak {peak / 1e12:.0f} TFLOP/s")
     run(llm, prompts[:32], params[:32])    # warm-up
     for _ in range(args.runs):

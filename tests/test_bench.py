@@ -114,14 +114,22 @@ def test_data_parallel_small(tiny, tmp_path):
     stem = tmp_path / "dp"
     main(["bench", "data-parallel", tiny, *COMMON, "--max-model-len", "512", "--num-prompts", "6",
           "--nano-len-range", "8", "24", "--client-processes", "1", "--num-tenants", "2", "--prefix-len", "64",
-          "--unique-len", "8", "--per-tenant", "6", "--output-len", "4", "--output", str(stem)])
+          "--unique-len", "8", "--per-tenant", "6", "--output-len", "4", "--repeats", "2", "--output", str(stem)])
     r = _load(stem)
     assert r["data_parallel_size"] == 2 and set(r["servers"]) == {"1 core", "2 cores, prefix", "2 cores, round-robin"}
     for runs in r["servers"].values():
         assert runs["server_exit_code"] == 0
         assert runs["nano"]["completed"] == 6 and runs["tenants"]["completed"] == 12
         assert runs["tenants"]["total_output_tokens"] == 12 * 4 and 0 < runs["tenants"]["hit_rate"] < 1
+        repeats = runs["tenants"]["repeats"]
+        assert len(repeats) == 2 and runs["tenants"]["output_throughput"] in [x["output_throughput"] for x in repeats]
     assert r["servers"]["1 core"]["nano"]["speedup_vs_one_core"] == 1.0
+
+
+def test_data_parallel_refuses_no_repeats(tiny, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "data-parallel", tiny, *COMMON, "--repeats", "0"])
+    assert "repeats must be >= 1" in capsys.readouterr().err
 
 
 def _nano_lengths(num: int, lo: int, hi: int) -> list[tuple[int, int]]:

@@ -10,7 +10,8 @@ client in --client-processes processes):
            --output-len output tokens, in a shuffled order (in system-prompt order, round-robin
            over N cores would keep each prompt on one core by accident).
 The prefix cache is reset before each run; the hit rate is the servers' own
-vllm:prefix_cache_hits / queries over the run (all cores added up).
+vllm:prefix_cache_hits / queries over the run (all cores added up). With --repeats, each workload
+runs that many times on each server and the results give the median-throughput run.
 """
 
 import argparse
@@ -38,6 +39,26 @@ def _prefix_counts(url: str) -> tuple[float, float]:
     return metrics["vllm:prefix_cache_hits_total"], metrics["vllm:prefix_cache_queries_total"]
 
 
+def _measured_run(cfg, url: str, requests: list[BenchRequest], processes: int) -> dict:
+    """One run of a workload from an empty prefix cache, with the hit rate over it."""
+    post(url + "/reset_prefix_cache")
+    hits, queries = _prefix_counts(url)
+    run = benchmark(cfg, requests, processes)
+    hits_after, queries_after = _prefix_counts(url)
+    run["hit_rate"] = (hits_after - hits) / max(1.0, queries_after - queries)
+    return run
+
+
+def _median_run(repeats: list[dict]) -> dict:
+    """The run of median throughput (a tenants run lasts about a second, so one run is noisy), with
+    every run's throughput, hit rate and TTFT beside it."""
+    ranked = sorted(repeats, key=lambda run: run["output_throughput"])
+    median = dict(ranked[(len(ranked) - 1) // 2])
+    median["repeats"] = [{key: run[key] for key in ("output_throughput", "hit_rate", "p50_ttft_ms", "failed")}
+                         for run in repeats]
+    return median
+
+
 def _serve_runs(args, workloads: dict, dp: int, routing: str) -> dict:
     from pagedllm.distributed.parallel_state import free_port
     port = free_port()
@@ -49,13 +70,11 @@ def _serve_runs(args, workloads: dict, dp: int, routing: str) -> dict:
                            args.timeout)
         benchmark(cfg, workloads["nano"][:2 * dp])   # warm-up
         for name, requests in workloads.items():
-            post(url + "/reset_prefix_cache")
-            hits, queries = _prefix_counts(url)
-            runs[name] = benchmark(cfg, requests, args.client_processes)
-            hits_after, queries_after = _prefix_counts(url)
-            runs[name]["hit_rate"] = (hits_after - hits) / max(1.0, queries_after - queries)
-            print(f"dp={dp} routing={routing} {name}: {runs[name]['output_throughput']:,.0f} tok/s, "
-                  f"hit rate {runs[name]['hit_rate']:.3f}, failed {runs[name]['failed']}", flush=True)
+            repeats = [_measured_run(cfg, url, requests, args.client_processes) for _ in range(args.repeats)]
+            for run in repeats:
+                print(f"dp={dp} routing={routing} {name}: {run['output_throughput']:,.0f} tok/s, "
+                      f"hit rate {run['hit_rate']:.3f}, failed {run['failed']}", flush=True)
+            runs[name] = _median_run(repeats)
     finally:
         runs["server_exit_code"] = stop_server(proc)
     return runs
@@ -66,6 +85,8 @@ def cmd_data_parallel(args: argparse.Namespace) -> None:
     dp = args.data_parallel_size
     if dp < 2:
         raise ValueError("data_parallel_size must be >= 2 (the comparison is against one core)")
+    if args.repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {args.repeats}")
     vocab = EngineArgs.from_cli_args(args, data_parallel_size=1).create_config()[0].model.hf_config.vocab_size
     lo, hi = args.nano_len_range
     workloads = {"nano": nano_requests(vocab, num=args.num_prompts, min_len=lo, max_len=hi),
@@ -86,7 +107,7 @@ def cmd_data_parallel(args: argparse.Namespace) -> None:
                          "client_cpu_fraction": run.get("client_cpu_fraction")})
     result = {**res.environment(), "benchmark": "data_parallel", "model": args.model, "dtype": args.dtype,
               "data_parallel_size": dp, "api_server_count": args.api_server_count,
-              "client_processes": args.client_processes,
+              "client_processes": args.client_processes, "repeats": args.repeats,
               "workloads": {"nano": {"num_prompts": args.num_prompts, "len_range": [lo, hi],
                                      "temperature": args.temperature},
                             "tenants": {"num_tenants": args.num_tenants, "prefix_len": args.prefix_len,
@@ -109,6 +130,8 @@ def add_parser(bench) -> None:
     p.add_argument("--routings", nargs="+", choices=ROUTING_POLICIES, default=["prefix", "round-robin"],
                    help="the N-core servers to run, by routing")
     p.add_argument("--client-processes", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each workload on each server; the table gives the median-throughput one")
     p.add_argument("--num-prompts", type=int, default=256, help="nano requests")
     p.add_argument("--nano-len-range", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
     p.add_argument("--temperature", type=float, default=0.6)
