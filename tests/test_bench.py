@@ -123,6 +123,7 @@ def test_data_parallel_small(tiny, tmp_path):
         assert runs["tenants"]["total_output_tokens"] == 12 * 4 and 0 < runs["tenants"]["hit_rate"] < 1
         repeats = runs["tenants"]["repeats"]
         assert len(repeats) == 2 and runs["tenants"]["output_throughput"] in [x["output_throughput"] for x in repeats]
+        assert all(x["api_cpu_s"] > 0 for x in repeats)
     assert r["servers"]["1 core"]["nano"]["speedup_vs_one_core"] == 1.0
 
 

@@ -15,6 +15,7 @@ runs that many times on each server and the results give the median-throughput r
 """
 
 import argparse
+import os
 import random
 
 from pagedllm.bench import results as res
@@ -39,13 +40,31 @@ def _prefix_counts(url: str) -> tuple[float, float]:
     return metrics["vllm:prefix_cache_hits_total"], metrics["vllm:prefix_cache_queries_total"]
 
 
-def _measured_run(cfg, url: str, requests: list[BenchRequest], processes: int) -> dict:
-    """One run of a workload from an empty prefix cache, with the hit rate over it."""
+def _cpu_seconds(pid: int | None) -> float | None:
+    """A process's user + system CPU time (Linux /proc; None elsewhere or without a pid)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured_run(cfg, url: str, api_pid: int | None, requests: list[BenchRequest], processes: int) -> dict:
+    """One run of a workload from an empty prefix cache, with the hit rate over it and the API
+    process's CPU time (near the run's duration: the front end, not the engines, set the pace;
+    measured with one API process, which is the server's own process)."""
     post(url + "/reset_prefix_cache")
     hits, queries = _prefix_counts(url)
+    cpu = _cpu_seconds(api_pid)
     run = benchmark(cfg, requests, processes)
+    cpu_after = _cpu_seconds(api_pid)
     hits_after, queries_after = _prefix_counts(url)
     run["hit_rate"] = (hits_after - hits) / max(1.0, queries_after - queries)
+    if cpu is not None and cpu_after is not None:
+        run["api_cpu_s"] = cpu_after - cpu
     return run
 
 
@@ -54,8 +73,8 @@ def _median_run(repeats: list[dict]) -> dict:
     every run's throughput, hit rate and TTFT beside it."""
     ranked = sorted(repeats, key=lambda run: run["output_throughput"])
     median = dict(ranked[(len(ranked) - 1) // 2])
-    median["repeats"] = [{key: run[key] for key in ("output_throughput", "hit_rate", "p50_ttft_ms", "failed")}
-                         for run in repeats]
+    keys = ("output_throughput", "hit_rate", "p50_ttft_ms", "duration_s", "api_cpu_s", "failed")
+    median["repeats"] = [{key: run.get(key) for key in keys} for run in repeats]
     return median
 
 
@@ -70,10 +89,12 @@ def _serve_runs(args, workloads: dict, dp: int, routing: str) -> dict:
                            args.timeout)
         benchmark(cfg, workloads["nano"][:2 * dp])   # warm-up
         for name, requests in workloads.items():
-            repeats = [_measured_run(cfg, url, requests, args.client_processes) for _ in range(args.repeats)]
+            api_pid = proc.pid if args.api_server_count == 1 else None
+            repeats = [_measured_run(cfg, url, api_pid, requests, args.client_processes) for _ in range(args.repeats)]
             for run in repeats:
                 print(f"dp={dp} routing={routing} {name}: {run['output_throughput']:,.0f} tok/s, "
-                      f"hit rate {run['hit_rate']:.3f}, failed {run['failed']}", flush=True)
+                      f"hit rate {run['hit_rate']:.3f}, API process CPU {run.get('api_cpu_s', 0):.2f} s in "
+                      f"{run['duration_s']:.2f} s, failed {run['failed']}", flush=True)
             runs[name] = _median_run(repeats)
     finally:
         runs["server_exit_code"] = stop_server(proc)
