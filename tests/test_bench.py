@@ -127,6 +127,17 @@ def test_data_parallel_small(tiny, tmp_path):
     assert r["servers"]["1 core"]["nano"]["speedup_vs_one_core"] == 1.0
 
 
+def test_data_parallel_one_workload(tiny, tmp_path):
+    """--workloads tenants alone (the warm-up once took nano's requests whatever was chosen)."""
+    stem = tmp_path / "dp"
+    main(["bench", "data-parallel", tiny, *COMMON, "--max-model-len", "512", "--workloads", "tenants",
+          "--routings", "prefix", "--client-processes", "1", "--num-tenants", "2", "--prefix-len", "32",
+          "--unique-len", "8", "--per-tenant", "2", "--output-len", "2", "--output", str(stem)])
+    servers = _load(stem)["servers"]
+    assert set(servers) == {"1 core", "2 cores, prefix"}
+    assert all(set(runs) == {"tenants", "server_exit_code"} for runs in servers.values())
+
+
 def test_data_parallel_refuses_no_repeats(tiny, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "data-parallel", tiny, *COMMON, "--repeats", "0"])

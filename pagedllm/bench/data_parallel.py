@@ -87,7 +87,7 @@ def _serve_runs(args, workloads: dict, dp: int, routing: str) -> dict:
     try:
         cfg = ClientConfig(url + "/v1", served_model(url + "/v1", None), None, True, args.temperature, True,
                            args.timeout)
-        benchmark(cfg, workloads["nano"][:2 * dp])   # warm-up
+        benchmark(cfg, next(iter(workloads.values()))[:2 * dp])   # warm-up
         for name, requests in workloads.items():
             api_pid = proc.pid if args.api_server_count == 1 else None
             repeats = [_measured_run(cfg, url, api_pid, requests, args.client_processes) for _ in range(args.repeats)]
