@@ -1,9 +1,9 @@
 """`pagedllm bench data-parallel`: what several engine cores behind one server give, in one command
 on one host.
 
-Three servers, one after the other, with the same engine flags: one core; --data-parallel-size N
-with prefix routing; N with round-robin routing. Each gets, all at once and streamed (the aiohttp
-client in --client-processes processes):
+Three servers, one after the other, with the same engine flags and --api-server-count API processes
+(two by default): one core; --data-parallel-size N with prefix routing; N with round-robin routing.
+Each gets, all at once and streamed (the aiohttp client in --client-processes processes):
   nano     the offline nano workload's 256 requests;
   tenants  a multi-tenant shared-prefix workload: --num-tenants system prompts of --prefix-len
            tokens, --per-tenant requests each with --unique-len tokens of their own and
@@ -146,7 +146,9 @@ def add_parser(bench) -> None:
                                                "round-robin routing), on nano and a multi-tenant prefix workload")
     EngineArgs.add_cli_args(p)
     p.set_defaults(data_parallel_size=2, max_model_len=4096)
-    p.add_argument("--api-server-count", type=int, default=1)
+    p.add_argument("--api-server-count", type=int, default=2,
+                   help="API processes of every server; with one, the tenants workload's burst keeps it busy for "
+                        "the whole run (its CPU time is recorded), so the front end sets the pace, not the cores")
     p.add_argument("--workloads", nargs="+", choices=["nano", "tenants"], default=["nano", "tenants"])
     p.add_argument("--routings", nargs="+", choices=ROUTING_POLICIES, default=["prefix", "round-robin"],
                    help="the N-core servers to run, by routing")
