@@ -92,9 +92,10 @@ def _serve_runs(args, workloads: dict, dp: int, routing: str) -> dict:
             api_pid = proc.pid if args.api_server_count == 1 else None
             repeats = [_measured_run(cfg, url, api_pid, requests, args.client_processes) for _ in range(args.repeats)]
             for run in repeats:
-                print(f"dp={dp} routing={routing} {name}: {run['output_throughput']:,.0f} tok/s, "
-                      f"hit rate {run['hit_rate']:.3f}, API process CPU {run.get('api_cpu_s', 0):.2f} s in "
-                      f"{run['duration_s']:.2f} s, failed {run['failed']}", flush=True)
+                cpu = f", API process CPU {run['api_cpu_s']:.2f} s" if "api_cpu_s" in run else ""
+                print(f"dp={dp} routing={routing} {name}: {run['output_throughput']:,.0f} tok/s in "
+                      f"{run['duration_s']:.2f} s{cpu}, hit rate {run['hit_rate']:.3f}, failed {run['failed']}",
+                      flush=True)
             runs[name] = _median_run(repeats)
     finally:
         runs["server_exit_code"] = stop_server(proc)
