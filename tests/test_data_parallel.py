@@ -100,7 +100,9 @@ def _stream(url: str, out: list, index: int, max_tokens: int = 120, started: thr
 
 @pytest.mark.slow
 def test_a_killed_core_fails_only_its_requests():
-    proc, url, lines = start_server(["--max-model-len", "512", "--kv-cache-memory", str(32 << 20), "-dp", "2"])
+    # one API process (not the default one per core): its router alone places the four streams, two a core
+    proc, url, lines = start_server(["--max-model-len", "512", "--kv-cache-memory", str(32 << 20), "-dp", "2",
+                                     "--api-server-count", "1"])
     family = descendants(proc.pid)
     cores = [p for p in family if "pagedllm.engine.core_proc" in cmdline(p)]
     try:

@@ -9,8 +9,12 @@ import os
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
+import pytest
 from server_fixtures import MODEL, cmdline, descendants, start_server, wait_gone
+
+from pagedllm.entrypoints.launcher import api_server_count
 
 try:
     import httpx2 as httpx
@@ -51,6 +55,14 @@ def _metric(url: str, name: str) -> float:
 def _role(pid: int) -> str:
     line = cmdline(pid)
     return "core" if "pagedllm.engine.core_proc" in line else "api" if "pagedllm.entrypoints.launcher" in line else ""
+
+
+def test_api_processes_default_to_one_per_engine_core():
+    assert api_server_count(None, SimpleNamespace(data_parallel_size=1)) == 1
+    assert api_server_count(None, SimpleNamespace(data_parallel_size=3)) == 3
+    assert api_server_count(2, SimpleNamespace(data_parallel_size=3)) == 2
+    with pytest.raises(ValueError, match="api_server_count"):
+        api_server_count(0, SimpleNamespace(data_parallel_size=2))
 
 
 def test_two_api_processes_share_one_core():

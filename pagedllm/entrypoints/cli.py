@@ -60,8 +60,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help='parse tool calls from the model\'s output for tool_choice "auto" (needs --tool-call-parser)')
     parser.add_argument("--tool-call-parser", default=None, choices=["hermes"],
                         help="the tool-call format of the model's output: Hermes-style <tool_call> JSON (Qwen2/3, SmolLM2)")
-    parser.add_argument("--api-server-count", type=int, default=1,
-                        help="API processes sharing the port and the engine core (HTTP, tokenizing, detokenizing)")
+    parser.add_argument("--api-server-count", type=int, default=None,
+                        help="API processes sharing the port and the engine cores (HTTP, tokenizing, detokenizing); "
+                             "default: one per engine core (--data-parallel-size)")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="tokens per streamed event after the first (fewer, larger events for many streams)")
     parser.add_argument("--uvicorn-log-level", default="info",

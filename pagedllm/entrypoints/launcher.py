@@ -1,9 +1,11 @@
 """`pagedllm serve`: the processes and their lifecycle.
 
-    --api-server-count 1 (default): this process is the API process (uvicorn on uvloop +
-        httptools, input and output processing); it starts the engine core's process.
-    --api-server-count N: this process starts the engine core and N API processes
-        (`python -m pagedllm.entrypoints.launcher`) that share the core and the port: each listens on
+    --api-server-count 1 (the default with one engine core): this process is the API process
+        (uvicorn on uvloop + httptools, input and output processing); it starts the engine core's process.
+    --api-server-count N (the default is one per engine core, as in vLLM: with one API process for
+        two cores, a burst of long shared-prefix prompts kept it busy for whole runs on two H200s,
+        docs/benchmarks.md): this process starts the engine cores and N API processes
+        (`python -m pagedllm.entrypoints.launcher`) that share the cores and the port: each listens on
         its own SO_REUSEPORT socket, so the kernel spreads new connections over them (one shared
         socket let an idle process take a whole burst); /metrics adds them up (prometheus_client's
         multiprocess mode).
@@ -85,14 +87,20 @@ def served_model_name(args, config: EngineConfig) -> str:
     return name[:-5] if name.endswith(".gguf") else name
 
 
+def api_server_count(requested: int | None, config: EngineConfig) -> int:
+    """The API processes to start: as requested, else one per engine core."""
+    count = config.data_parallel_size if requested is None else requested
+    if count < 1:
+        raise ValueError(f"api_server_count must be >= 1, got {count}")
+    return count
+
+
 def run_server(args) -> None:
     """Serve until SIGTERM/SIGINT (exit 0 after the graceful shutdown) or until the engine core
     dies (exit 1)."""
     config, source = EngineArgs.from_cli_args(args).create_config()
     name = served_model_name(args, config)
-    count = args.api_server_count
-    if count < 1:
-        raise ValueError(f"api_server_count must be >= 1, got {count}")
+    count = api_server_count(args.api_server_count, config)
     if count == 1:
         cores = start_cores(config, source, 1, args.data_parallel_backend)
         code = serve_api(APIServerArgs(args, config, source, name, [c.addresses(0) for c in cores], 1), cores)
