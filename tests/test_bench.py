@@ -126,6 +126,7 @@ def test_data_parallel_small(tiny, tmp_path):
         assert len(repeats) == 2 and runs["tenants"]["output_throughput"] in [x["output_throughput"] for x in repeats]
         assert all(x["api_cpu_s"] >= 0 for x in repeats)   # clock ticks of 10 ms: a short run may read 0
     assert r["servers"]["1 core"]["nano"]["speedup_vs_one_core"] == 1.0
+    assert "runs_tokens_per_s" in (tmp_path / "dp.md").read_text()   # every run's spread, beside the median
 
 
 def test_data_parallel_one_workload(tiny, tmp_path):

@@ -88,8 +88,8 @@ def _serve_runs(args, workloads: dict, dp: int, routing: str) -> dict:
         cfg = ClientConfig(url + "/v1", served_model(url + "/v1", None), None, True, args.temperature, True,
                            args.timeout)
         benchmark(cfg, next(iter(workloads.values()))[:2 * dp])   # warm-up
+        api_pid = proc.pid if args.api_server_count == 1 else None
         for name, requests in workloads.items():
-            api_pid = proc.pid if args.api_server_count == 1 else None
             repeats = [_measured_run(cfg, url, api_pid, requests, args.client_processes) for _ in range(args.repeats)]
             for run in repeats:
                 cpu = f", API process CPU {run['api_cpu_s']:.2f} s" if "api_cpu_s" in run else ""
@@ -123,7 +123,9 @@ def cmd_data_parallel(args: argparse.Namespace) -> None:
         for name in workloads:
             run = runs[name]
             run["speedup_vs_one_core"] = run["output_throughput"] / base[name]["output_throughput"]
+            spread = [r["output_throughput"] for r in run["repeats"]]
             rows.append({"server": server, "workload": name, "output_tokens_per_s": run["output_throughput"],
+                         "runs_tokens_per_s": f"{min(spread):,.0f}-{max(spread):,.0f}",
                          "speedup_vs_one_core": run["speedup_vs_one_core"], "hit_rate": run["hit_rate"],
                          "p50_ttft_ms": run["p50_ttft_ms"], "failed": run["failed"],
                          "client_cpu_fraction": run.get("client_cpu_fraction")})
@@ -136,7 +138,8 @@ def cmd_data_parallel(args: argparse.Namespace) -> None:
                                         "unique_len": args.unique_len, "per_tenant": args.per_tenant,
                                         "output_len": args.output_len}},
               "servers": servers}
-    table = res.markdown_table(rows, ["server", "workload", "output_tokens_per_s", "speedup_vs_one_core", "hit_rate",
+    table = res.markdown_table(rows, ["server", "workload", "output_tokens_per_s", "runs_tokens_per_s",
+                                      "speedup_vs_one_core", "hit_rate",
                                       "p50_ttft_ms", "failed", "client_cpu_fraction"])
     res.save(result, args.output, table)
 
