@@ -26,7 +26,8 @@ from pagedllm.bench.workloads import BenchRequest, nano_requests, prefix_request
 from pagedllm.engine.router import ROUTING_POLICIES
 
 
-def _tenant_requests(args, vocab: int) -> list[BenchRequest]:
+def tenant_requests(args, vocab: int) -> list[BenchRequest]:
+    """The tenants workload, shuffled (benchmarks/routing_replay.py replays the same list)."""
     requests = prefix_requests(vocab, num_prefixes=args.num_tenants, prefix_len=args.prefix_len,
                                unique_len=args.unique_len, per_prefix=args.per_tenant, output_len=args.output_len,
                                seed=1)
@@ -112,7 +113,7 @@ def cmd_data_parallel(args: argparse.Namespace) -> None:
     vocab = EngineArgs.from_cli_args(args, data_parallel_size=1).create_config()[0].model.hf_config.vocab_size
     lo, hi = args.nano_len_range
     workloads = {"nano": nano_requests(vocab, num=args.num_prompts, min_len=lo, max_len=hi),
-                 "tenants": _tenant_requests(args, vocab)}
+                 "tenants": tenant_requests(args, vocab)}
     workloads = {name: workloads[name] for name in args.workloads}
     servers = {"1 core": _serve_runs(args, workloads, 1, "prefix")}
     for routing in args.routings:

@@ -1,0 +1,68 @@
+"""What each engine core computes for `bench data-parallel`'s tenants workload under each routing
+policy and KV pool size, without a GPU: the requests are routed as a burst by the real Router, then
+each core's share runs through a real EngineCore (scheduler, KV cache manager, prefix caching) whose
+executor finishes every step at once (tests/engine_fakes.InstantExecutor). Prints each core's steps,
+computed prompt tokens (cached ones excluded) and preemptions. Hardware-independent: it says where
+routing changes the work, not how long the work takes. A development tool:
+`python benchmarks/routing_replay.py --pool-blocks 71754 4000 3500` (blocks of 16 tokens a core)."""
+
+import argparse
+import os
+import sys
+import time
+
+from pagedllm.bench.data_parallel import tenant_requests
+from pagedllm.core_types import EngineCoreRequest
+from pagedllm.engine.core import EngineCore
+from pagedllm.engine.engine_args import EngineArgs
+from pagedllm.engine.router import Router
+from pagedllm.sampling_params import SamplingParams
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from engine_fakes import InstantExecutor  # noqa: E402
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "pagedllm", "data", "qwen3-0.6b-config.json")
+
+
+def replay(args, requests, policy: str, pool_blocks: int) -> list[tuple[int, int, int, int]]:
+    """(requests, steps, computed prompt tokens, preemptions) of each core."""
+    config = EngineArgs(model=CONFIG, load_format="dummy", max_model_len=4096, device="cpu",
+                        max_num_batched_tokens=8192, max_num_seqs=256).create_config()[0]
+    router = Router(args.cores, config.cache.block_size, policy)
+    shares = [[] for _ in range(args.cores)]
+    for i, r in enumerate(requests):
+        shares[router.route([str(i)], r.prompt_token_ids)].append((str(i), r.prompt_token_ids))
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    result = []
+    for share in shares:
+        core = EngineCore(config, InstantExecutor(num_blocks=pool_blocks))
+        core.add_requests([EngineCoreRequest(rid, ids, params, time.monotonic()) for rid, ids in share])
+        steps = 0
+        while core.has_work():
+            core.step()
+            steps += 1
+        result.append((len(share), steps, core.prompt_tokens, core.scheduler.num_preemptions))
+        core.shutdown()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--num-tenants", type=int, default=16)
+    parser.add_argument("--per-tenant", type=int, default=32)
+    parser.add_argument("--prefix-len", type=int, default=1024)
+    parser.add_argument("--unique-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--pool-blocks", type=int, nargs="+", default=[71754, 4000, 3500],
+                        help="KV blocks of 16 tokens a core (71,754: Qwen3-0.6B on an H200 at 0.9 utilisation)")
+    args = parser.parse_args()
+    requests = tenant_requests(args, vocab=151936)     # as bench data-parallel sends them
+    print("pool blocks  routing      per core: (requests, steps, computed prompt tokens, preemptions)")
+    for blocks in args.pool_blocks:
+        for policy in ("prefix", "round-robin"):
+            print(f"{blocks:11d}  {policy:12s} {replay(args, requests, policy, blocks)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
