@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from pagedllm.bench.data_parallel import tenant_requests
+from pagedllm.bench.data_parallel import add_tenant_args, tenant_requests
 from pagedllm.core_types import EngineCoreRequest
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.engine_args import EngineArgs
@@ -24,10 +24,8 @@ from engine_fakes import InstantExecutor  # noqa: E402
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "pagedllm", "data", "qwen3-0.6b-config.json")
 
 
-def replay(args, requests, policy: str, pool_blocks: int) -> list[tuple[int, int, int, int]]:
+def replay(args, config, requests, policy: str, pool_blocks: int) -> list[tuple[int, int, int, int]]:
     """(requests, steps, computed prompt tokens, preemptions) of each core."""
-    config = EngineArgs(model=CONFIG, load_format="dummy", max_model_len=4096, device="cpu",
-                        max_num_batched_tokens=8192, max_num_seqs=256).create_config()[0]
     router = Router(args.cores, config.cache.block_size, policy)
     shares = [[] for _ in range(args.cores)]
     for i, r in enumerate(requests):
@@ -49,19 +47,17 @@ def replay(args, requests, policy: str, pool_blocks: int) -> list[tuple[int, int
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--num-tenants", type=int, default=16)
-    parser.add_argument("--per-tenant", type=int, default=32)
-    parser.add_argument("--prefix-len", type=int, default=1024)
-    parser.add_argument("--unique-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
+    add_tenant_args(parser)
     parser.add_argument("--pool-blocks", type=int, nargs="+", default=[71754, 4000, 3500],
                         help="KV blocks of 16 tokens a core (71,754: Qwen3-0.6B on an H200 at 0.9 utilisation)")
     args = parser.parse_args()
-    requests = tenant_requests(args, vocab=151936)     # as bench data-parallel sends them
+    config = EngineArgs(model=CONFIG, load_format="dummy", max_model_len=4096, device="cpu",
+                        max_num_batched_tokens=8192, max_num_seqs=256).create_config()[0]
+    requests = tenant_requests(args, config.model.hf_config.vocab_size)     # as bench data-parallel sends them
     print("pool blocks  routing      per core: (requests, steps, computed prompt tokens, preemptions)")
     for blocks in args.pool_blocks:
         for policy in ("prefix", "round-robin"):
-            print(f"{blocks:11d}  {policy:12s} {replay(args, requests, policy, blocks)}", flush=True)
+            print(f"{blocks:11d}  {policy:12s} {replay(args, config, requests, policy, blocks)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,15 @@ from pagedllm.bench.workloads import BenchRequest, nano_requests, prefix_request
 from pagedllm.engine.router import ROUTING_POLICIES
 
 
+def add_tenant_args(parser: argparse.ArgumentParser) -> None:
+    """The tenants workload's shape (tenant_requests reads these)."""
+    parser.add_argument("--num-tenants", type=int, default=16)
+    parser.add_argument("--prefix-len", type=int, default=1024)
+    parser.add_argument("--unique-len", type=int, default=128)
+    parser.add_argument("--per-tenant", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+
+
 def tenant_requests(args, vocab: int) -> list[BenchRequest]:
     """The tenants workload, shuffled (benchmarks/routing_replay.py replays the same list)."""
     requests = prefix_requests(vocab, num_prefixes=args.num_tenants, prefix_len=args.prefix_len,
@@ -163,11 +172,7 @@ def add_parser(bench) -> None:
     p.add_argument("--num-prompts", type=int, default=256, help="nano requests")
     p.add_argument("--nano-len-range", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
     p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--num-tenants", type=int, default=16)
-    p.add_argument("--prefix-len", type=int, default=1024)
-    p.add_argument("--unique-len", type=int, default=128)
-    p.add_argument("--per-tenant", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=64)
+    add_tenant_args(p)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds for a server to start")
     p.add_argument("--output", default=None, help="path stem for the .json and .md results")
