@@ -125,6 +125,10 @@ def test_data_parallel_small(tiny, tmp_path):
         repeats = runs["tenants"]["repeats"]
         assert len(repeats) == 2 and runs["tenants"]["output_throughput"] in [x["output_throughput"] for x in repeats]
         assert all(x["api_cpu_s"] >= 0 for x in repeats)   # clock ticks of 10 ms: a short run may read 0
+        cores = 1 if runs is r["servers"]["1 core"] else 2
+        for x in repeats:   # every prompt token is either a hit or computed on some core
+            assert len(x["computed_prompt_tokens"]) == cores and x["preemptions"] >= 0
+            assert sum(x["computed_prompt_tokens"]) == round((1 - x["hit_rate"]) * 12 * (64 + 8))
     assert r["servers"]["1 core"]["nano"]["speedup_vs_one_core"] == 1.0
     assert "runs_tokens_per_s" in (tmp_path / "dp.md").read_text()   # every run's spread, beside the median
 

@@ -10,18 +10,20 @@ Each gets, all at once and streamed (the aiohttp client in --client-processes pr
            --output-len output tokens, in a shuffled order (in system-prompt order, round-robin
            over N cores would keep each prompt on one core by accident).
 The prefix cache is reset before each run; the hit rate is the servers' own
-vllm:prefix_cache_hits / queries over the run (all cores added up). With --repeats, each workload
+vllm:prefix_cache_hits / queries over the run (all cores added up), beside each core's computed
+(uncached) prompt tokens and the preemptions. With --repeats, each workload
 runs that many times on each server and the results give the median-throughput run.
 """
 
 import argparse
 import os
 import random
+import re
+import urllib.request
 
 from pagedllm.bench import results as res
 from pagedllm.bench.serve import ClientConfig, benchmark, served_model
 from pagedllm.bench.serve_vs_offline import post, start_server, stop_server
-from pagedllm.bench.stress import read_metrics
 from pagedllm.bench.workloads import BenchRequest, nano_requests, prefix_requests
 from pagedllm.engine.router import ROUTING_POLICIES
 
@@ -44,10 +46,31 @@ def tenant_requests(args, vocab: int) -> list[BenchRequest]:
     return requests
 
 
-def _prefix_counts(url: str) -> tuple[float, float]:
-    """(prefix_cache_hits, prefix_cache_queries) from /metrics, every core's added up."""
-    metrics = read_metrics(url)
-    return metrics["vllm:prefix_cache_hits_total"], metrics["vllm:prefix_cache_queries_total"]
+def _core_counters(url: str) -> dict[str, dict[str, float]]:
+    """Each core's prefix-cache hits and queries (in tokens) and preemptions, from /metrics: what
+    routing changes. Keyed by the `engine` label."""
+    names = {"vllm:prefix_cache_hits_total": "hits", "vllm:prefix_cache_queries_total": "queries",
+             "vllm:num_preemptions_total": "preemptions"}
+    cores: dict[str, dict[str, float]] = {}
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        m = re.match(r'^(vllm:[a-z_]+_total)\{[^}]*engine="([^"]*)"[^}]*\} ([0-9.e+-]+)$', line)
+        if m and m.group(1) in names:
+            counts = cores.setdefault(m.group(2), dict.fromkeys(names.values(), 0.0))
+            counts[names[m.group(1)]] += float(m.group(3))
+    return cores
+
+
+def _routing_effect(before: dict, after: dict) -> dict:
+    """The run's hit rate (every core added up), preemptions, and each core's computed (not cached)
+    prompt tokens, which show both the work routing saved and how evenly it spread the load."""
+    delta = {core: {k: after[core][k] - before.get(core, {}).get(k, 0.0) for k in counts}
+             for core, counts in sorted(after.items(), key=lambda item: int(item[0]))}
+    queries = sum(d["queries"] for d in delta.values())
+    return {"hit_rate": sum(d["hits"] for d in delta.values()) / max(1.0, queries),
+            "preemptions": int(sum(d["preemptions"] for d in delta.values())),
+            "computed_prompt_tokens": [int(d["queries"] - d["hits"]) for d in delta.values()]}
 
 
 def _cpu_seconds(pid: int | None) -> float | None:
@@ -67,12 +90,11 @@ def _measured_run(cfg, url: str, api_pid: int | None, requests: list[BenchReques
     process's CPU time (near the run's duration: the front end, not the engines, set the pace;
     measured with one API process, which is the server's own process)."""
     post(url + "/reset_prefix_cache")
-    hits, queries = _prefix_counts(url)
+    counters = _core_counters(url)
     cpu = _cpu_seconds(api_pid)
     run = benchmark(cfg, requests, processes)
     cpu_after = _cpu_seconds(api_pid)
-    hits_after, queries_after = _prefix_counts(url)
-    run["hit_rate"] = (hits_after - hits) / max(1.0, queries_after - queries)
+    run.update(_routing_effect(counters, _core_counters(url)))
     if cpu is not None and cpu_after is not None:
         run["api_cpu_s"] = cpu_after - cpu
     return run
@@ -83,7 +105,8 @@ def _median_run(repeats: list[dict]) -> dict:
     every run's throughput, hit rate and TTFT beside it."""
     ranked = sorted(repeats, key=lambda run: run["output_throughput"])
     median = dict(ranked[(len(ranked) - 1) // 2])
-    keys = ("output_throughput", "hit_rate", "p50_ttft_ms", "duration_s", "api_cpu_s", "failed")
+    keys = ("output_throughput", "hit_rate", "preemptions", "computed_prompt_tokens", "p50_ttft_ms", "duration_s",
+            "api_cpu_s", "failed")
     median["repeats"] = [{key: run.get(key) for key in keys} for run in repeats]
     return median
 
@@ -104,7 +127,8 @@ def _serve_runs(args, workloads: dict, dp: int, routing: str) -> dict:
             for run in repeats:
                 cpu = f", API process CPU {run['api_cpu_s']:.2f} s" if "api_cpu_s" in run else ""
                 print(f"dp={dp} routing={routing} {name}: {run['output_throughput']:,.0f} tok/s in "
-                      f"{run['duration_s']:.2f} s{cpu}, hit rate {run['hit_rate']:.3f}, failed {run['failed']}",
+                      f"{run['duration_s']:.2f} s{cpu}, hit rate {run['hit_rate']:.3f}, preemptions {run['preemptions']}, "
+                      f"computed prompt tokens per core {run['computed_prompt_tokens']}, failed {run['failed']}",
                       flush=True)
             runs[name] = _median_run(repeats)
     finally:
@@ -137,7 +161,7 @@ def cmd_data_parallel(args: argparse.Namespace) -> None:
             rows.append({"server": server, "workload": name, "output_tokens_per_s": run["output_throughput"],
                          "runs_tokens_per_s": f"{min(spread):,.0f}-{max(spread):,.0f}",
                          "speedup_vs_one_core": run["speedup_vs_one_core"], "hit_rate": run["hit_rate"],
-                         "p50_ttft_ms": run["p50_ttft_ms"], "failed": run["failed"],
+                         "preemptions": run["preemptions"], "p50_ttft_ms": run["p50_ttft_ms"], "failed": run["failed"],
                          "client_cpu_fraction": run.get("client_cpu_fraction")})
     result = {**res.environment(), "benchmark": "data_parallel", "model": args.model, "dtype": args.dtype,
               "data_parallel_size": dp, "api_server_count": args.api_server_count,
@@ -150,7 +174,7 @@ def cmd_data_parallel(args: argparse.Namespace) -> None:
               "servers": servers}
     table = res.markdown_table(rows, ["server", "workload", "output_tokens_per_s", "runs_tokens_per_s",
                                       "speedup_vs_one_core", "hit_rate",
-                                      "p50_ttft_ms", "failed", "client_cpu_fraction"])
+                                      "preemptions", "p50_ttft_ms", "failed", "client_cpu_fraction"])
     res.save(result, args.output, table)
 
 
