@@ -1,5 +1,6 @@
 """What each engine core computes for `bench data-parallel`'s tenants workload under each routing
-policy and KV pool size, without a GPU: the requests are routed as a burst by the real Router, then
+policy and KV pool size, without a GPU: the requests are routed as a burst by the real Router (one per
+API process, --api-servers, dealt the requests in turn as the kernel spreads connections), then
 each core's share runs through a real EngineCore (scheduler, KV cache manager, prefix caching) whose
 executor finishes every step at once (tests/engine_fakes.InstantExecutor). Prints each core's steps,
 computed prompt tokens (cached ones excluded) and preemptions. Hardware-independent: it says where
@@ -26,10 +27,12 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "pagedllm", "data", "qwen
 
 def replay(args, config, requests, policy: str, pool_blocks: int) -> list[tuple[int, int, int, int]]:
     """(requests, steps, computed prompt tokens, preemptions) of each core."""
-    router = Router(args.cores, config.cache.block_size, policy)
+    routers = [Router(args.cores, config.cache.block_size, policy, shared=args.api_servers > 1)
+               for _ in range(args.api_servers)]
     shares = [[] for _ in range(args.cores)]
     for i, r in enumerate(requests):
-        shares[router.route([str(i)], r.prompt_token_ids)].append((str(i), r.prompt_token_ids))
+        core = routers[i % args.api_servers].route([str(i)], r.prompt_token_ids)
+        shares[core].append((str(i), r.prompt_token_ids))
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
     result = []
     for share in shares:
@@ -47,6 +50,7 @@ def replay(args, config, requests, policy: str, pool_blocks: int) -> list[tuple[
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--api-servers", type=int, default=1, help="routers, each routing its share on its own")
     add_tenant_args(parser)
     parser.add_argument("--pool-blocks", type=int, nargs="+", default=[71754, 4000, 3500],
                         help="KV blocks of 16 tokens a core (71,754: Qwen3-0.6B on an H200 at 0.9 utilisation)")

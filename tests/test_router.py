@@ -1,11 +1,13 @@
 """Data-parallel routing, as plain bookkeeping: the block-hash events a KV cache reports, and the
 router's choices (prefix affinity, the load guard, least-loaded, round-robin, a lost core)."""
 
+import random
+
 import pytest
 
 from pagedllm.engine.kv_cache import BlockPool, KVCacheManager, extend_block_hashes
 from pagedllm.engine.request import Request
-from pagedllm.engine.router import BALANCE_ABS, Router
+from pagedllm.engine.router import BALANCE_ABS, Router, home_core
 from pagedllm.sampling_params import SamplingParams
 
 BS = 4
@@ -117,6 +119,37 @@ def test_load_counts_what_the_core_reports_from_other_front_ends():
         prefix = _router()
         prefix.observe(1, prompt_block_hashes(shared + [0], BS), [], None, queued)   # core 1 holds the prefix
         assert prefix.route(["p"], shared) == expected
+
+
+def _burst(routers: list[Router], prompts: dict[str, list[int]], per_prompt: int) -> dict[str, set[int]]:
+    """Requests of each system prompt, shuffled, dealt to the routers in turn (as the kernel spreads
+    connections over API processes), with no core report in between; the cores each prompt went to."""
+    order = [name for name in prompts for _ in range(per_prompt)]
+    random.Random(0).shuffle(order)
+    cores: dict[str, set[int]] = {name: set() for name in prompts}
+    for i, name in enumerate(order):
+        cores[name].add(routers[i % len(routers)].route([str(i)], prompts[name] + [i]))
+    return cores
+
+
+def test_routers_sharing_the_cores_agree_on_a_new_prompts_core():
+    """Two API processes route a burst on their own: each alone would send a new system prompt to its
+    own least-loaded core, splitting some prompts over both cores; shared, they place every prompt on
+    its home core (and both cores get prompts)."""
+    prompts = {f"p{k}": list(range(1000 * k, 1000 * k + 24)) for k in range(8)}
+    apart = _burst([_router(), _router()], prompts, 12)
+    assert any(len(cores) > 1 for cores in apart.values())
+    together = _burst([Router(2, BS, "prefix", shared=True) for _ in range(2)], prompts, 12)
+    assert all(len(cores) == 1 for cores in together.values())
+    assert set().union(*together.values()) == {0, 1}
+
+
+def test_a_lost_core_moves_only_the_prompts_it_was_home_to():
+    first_blocks = [prompt_block_hashes(list(range(k, k + 5)), BS)[0] for k in range(40)]
+    before = [home_core([0, 1, 2], h) for h in first_blocks]
+    after = [home_core([1, 2], h) for h in first_blocks]
+    assert set(before) == {0, 1, 2}
+    assert all(a == b for a, b in zip(after, before) if b != 0) and set(after) == {1, 2}
 
 
 def test_round_robin_and_a_lost_core():

@@ -49,7 +49,7 @@ class AsyncLLM:
         if len(addresses) == 1:
             self.client = AsyncMPClient(addresses[0], self._on_dead)
         else:
-            router = Router(len(addresses), config.cache.block_size, routing)
+            router = Router(len(addresses), config.cache.block_size, routing, shared=num_api_servers > 1)
             self.client = DPAsyncClient(addresses, router, self._on_dead)
         self.metrics = metrics
         self.log_stats = metrics is not None and self.client.client_index == 0

@@ -2,7 +2,9 @@
 
 Policies (`--routing`):
   prefix        the core holding the longest cached prefix of the prompt, unless that core is
-                much busier than the least-loaded one; no match: the least-loaded core.
+                much busier than the least-loaded one; no match: the least-loaded core, or, where
+                several API processes route (`shared`), the prompt's home core by rendezvous hashing
+                of its first block, so that they all send a new system prompt to the same core.
   least-loaded  the core with the fewest unfinished sequences (then KV usage).
   round-robin   each core in turn.
 
@@ -16,6 +18,7 @@ is the larger of the sequences this front end sent there and has not seen finish
 share, and a report lags the sends made since. Plain bookkeeping: no sockets, no clock.
 """
 
+import hashlib
 import itertools
 from collections import Counter
 
@@ -29,10 +32,12 @@ BALANCE_REL = 0.5
 
 
 class Router:
-    def __init__(self, num_cores: int, block_size: int, policy: str = "prefix") -> None:
+    def __init__(self, num_cores: int, block_size: int, policy: str = "prefix", shared: bool = False) -> None:
+        """shared: other routers (API processes) send to the same cores, each on its own."""
         if policy not in ROUTING_POLICIES:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}")
         self.policy = policy
+        self.shared = shared
         self.block_size = block_size
         self.alive = [True] * num_cores
         self.cached: list[set[bytes]] = [set() for _ in range(num_cores)]   # reported by each core
@@ -54,7 +59,7 @@ class Router:
         if not live:
             raise RuntimeError("no engine core is running")
         hashes, matched = self._match(live, token_ids) if self.policy == "prefix" else ([], {})
-        core = self._pick(live, matched)
+        core = self._pick(live, matched, hashes)
         for sequence_id in sequence_ids:
             self._sequences[sequence_id] = (core, hashes)
             self.pending[core].update(hashes)
@@ -84,7 +89,7 @@ class Router:
                     matched[i] = n + 1
         return hashes, matched
 
-    def _pick(self, live: list[int], matched: dict[int, int]) -> int:
+    def _pick(self, live: list[int], matched: dict[int, int], hashes: list[bytes]) -> int:
         if self.policy == "round-robin":
             return next(i for i in self._turn if self.alive[i])
         busy = {i: max(self.load[i], self.reported[i]) for i in live}
@@ -93,7 +98,9 @@ class Router:
             return least
         best = max(live, key=lambda i: (matched[i], -busy[i], -self.kv_usage[i]))
         if matched[best] == 0:
-            return least
+            if not (self.shared and hashes):
+                return least
+            best = home_core(live, hashes[0])
         excess = busy[best] - busy[least]
         return least if excess > BALANCE_ABS and excess > BALANCE_REL * busy[least] else best
 
@@ -134,3 +141,11 @@ class Router:
         for sequence_id in lost:
             self.finish(sequence_id)
         return lost
+
+
+def home_core(live: list[int], first_block_hash: bytes) -> int:
+    """Where a prompt that no core holds goes when several routers share the cores: the live core
+    whose hash with the prompt's first block is highest (rendezvous hashing). Every API process
+    computes the same core without talking to the others, so a burst of a new system prompt lands on
+    one core instead of each process's least-loaded one; a lost core moves only the prompts it was home to."""
+    return max(live, key=lambda i: hashlib.blake2b(first_block_hash + i.to_bytes(4, "little"), digest_size=8).digest())
