@@ -57,7 +57,7 @@ class CacheConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
-    kv_cache_memory: int = 2 * GiB        # CPU pool budget in bytes
+    kv_cache_memory: int | None = None    # pool bytes per rank; None: 2 GiB on CPU, by utilisation on a GPU
     num_gpu_blocks_override: int | None = None
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from pagedllm.config import GiB, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pagedllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pagedllm.engine.router import ROUTING_POLICIES
 from pagedllm.models import loader
 
@@ -58,8 +58,9 @@ class EngineArgs:
         parser.add_argument("--max-num-seqs", type=int, default=256)
         parser.add_argument("--max-num-batched-tokens", type=int, default=None)
         parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        parser.add_argument("--kv-cache-memory", type=int, default=None,
-                            help="CPU KV pool bytes per rank (default 2 GiB)")
+        parser.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", type=int, default=None,
+                            help="KV pool bytes per rank (default: 2 GiB on CPU; on a GPU what "
+                                 "--gpu-memory-utilization leaves, which this replaces)")
         parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
         parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
         parser.add_argument("--enforce-eager", action="store_true")
@@ -118,6 +119,8 @@ class EngineArgs:
         max_model_len = self._max_model_len(hf_config)
         _check(self.block_size in (8, 16, 32, 64, 128), "block_size", f"must be 8, 16, 32, 64 or 128, got {self.block_size}")
         _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
+               f"must be > 0 bytes, got {self.kv_cache_memory}")
         _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                f"must be in (0, 1], got {self.gpu_memory_utilization}")
         batched = self.max_num_batched_tokens or (8192 if device.startswith("cuda") else 2048)
@@ -128,7 +131,7 @@ class EngineArgs:
                                    tensor_parallel_size=self.tensor_parallel_size)
         cache = CacheConfig(block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
                             gpu_memory_utilization=self.gpu_memory_utilization,
-                            kv_cache_memory=self.kv_cache_memory or 2 * GiB,
+                            kv_cache_memory=self.kv_cache_memory,
                             num_gpu_blocks_override=self.num_gpu_blocks_override)
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=max_model_len, eos_token_ids=frozenset(eos_ids(hf_config)))

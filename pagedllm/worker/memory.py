@@ -10,6 +10,7 @@ logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
+CPU_KV_BUDGET = 2 * GiB     # the CPU pool's bytes per rank unless kv_cache_memory says otherwise
 
 
 def format_bytes(n: float) -> str:
@@ -33,6 +34,22 @@ def gpu_kv_budget(total: int, utilization: float, weights: int, activation_peak:
     """Bytes left for the KV pool: the utilisation share of the card minus weights and the profiled
     activation peak of a max-size step."""
     return int(total * utilization) - weights - activation_peak
+
+
+def cpu_pool_budget(cache: CacheConfig) -> int:
+    return CPU_KV_BUDGET if cache.kv_cache_memory is None else cache.kv_cache_memory
+
+
+def gpu_pool_budget(requested: int | None, by_utilization: int, available: int) -> int:
+    """A GPU pool's bytes: kv_cache_memory if given (as vLLM's kv_cache_memory_bytes, it replaces the
+    utilisation share; an error if the card has not that much free), else the utilisation share,
+    never more than is actually free (`available`: free memory less the activation peak and slack)."""
+    if requested is None:
+        return min(by_utilization, available)
+    if requested > available:
+        raise ValueError(f"kv_cache_memory ({format_bytes(requested)}) is more than the GPU has free for the KV "
+                         f"cache after weights and activations ({format_bytes(max(available, 0))})")
+    return requested
 
 
 def log_capacity(model: ModelConfig, cache: CacheConfig, num_blocks: int) -> dict:

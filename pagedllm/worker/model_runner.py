@@ -210,7 +210,7 @@ class ModelRunner:
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
         if self.device.type != "cuda":
-            return memory.num_blocks_for_budget(model_cfg, cache, cache.kv_cache_memory)
+            return memory.num_blocks_for_budget(model_cfg, cache, memory.cpu_pool_budget(cache))
         return self.tp.min_over_ranks(self._blocks_that_fit())   # every rank must hold the same blocks
 
     def _blocks_that_fit(self) -> int:
@@ -225,8 +225,8 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
-        budget = memory.gpu_kv_budget(total, cache.gpu_memory_utilization, weights + non_torch, peak)
-        budget = min(budget, free - peak - memory.GiB // 2)   # never more than is actually free
+        by_utilization = memory.gpu_kv_budget(total, cache.gpu_memory_utilization, weights + non_torch, peak)
+        budget = memory.gpu_pool_budget(cache.kv_cache_memory, by_utilization, free - peak - memory.GiB // 2)
         logger.info("GPU memory: %s total, weights %s, activation peak %s, outside torch %s, KV budget %s",
                     memory.format_bytes(total), memory.format_bytes(weights), memory.format_bytes(peak),
                     memory.format_bytes(non_torch), memory.format_bytes(budget))
