@@ -2,10 +2,12 @@
 # The GPU benchmark suite (H100, Qwen3-0.6B bf16 with dummy weights: no checkpoint, no network).
 #   usage: bash pagedllm/bench/gpu_suite.sh OUT_DIR [STEP...]   (run from the repository root)
 # STEPs: latency prefix prefix-out10 prefix-hit75 throughput-nano serve-nano serve-profile step-profile
-# data-parallel latency-8b prefix-hit75-8b throughput-nano-8b (default: the first five; all together can outlast one 10-minute device command, so run
-# them in several calls). step-profile: wall vs GPU kernel time per decode step at batch 1 and 128, the
-# top kernels, the host's hot spots (benchmarks/step_profile.py, in its log); data-parallel: one engine
-# core against two behind the server (needs 2 GPUs: nvidia-h200-x2). The -8b steps run Qwen3-8B (dummy weights).
+# data-parallel data-parallel-tenants64 latency-8b prefix-hit75-8b throughput-nano-8b (default: the first five;
+# all together can outlast one 10-minute device command, so run them in several calls). step-profile: wall vs
+# GPU kernel time per decode step at batch 1 and 128, the top kernels, the host's hot spots
+# (benchmarks/step_profile.py, in its log); data-parallel: one engine core against two behind the server (needs
+# 2 GPUs: nvidia-h200-x2); data-parallel-tenants64: the same on 64 system prompts x 32 requests with 3,500-block
+# pools a core, where routing decides how much is recomputed. The -8b steps run Qwen3-8B (dummy weights).
 # serve-nano: offline nano + latency, then the same requests through `pagedllm serve` with 1 and 2 API
 # processes, streamed and not (bench serve-vs-offline); serve-profile: py-spy of a live server. Writes OUT_DIR/STEP.{json,md,png}
 # and one log per step. Each step has its own time limit and a failing step does not stop the others.
@@ -77,6 +79,8 @@ step serve-nano 420 "${CLI[@]}" serve-vs-offline "$MODEL" "${ENGINE[@]}" --api-s
 step serve-profile 240 bash pagedllm/bench/serve_profile.sh "$OUT"
 step step-profile 150 "$PY" benchmarks/step_profile.py "$MODEL"
 step data-parallel 480 "${CLI[@]}" data-parallel "$MODEL" "${ENGINE[@]}" -dp 2 --output "$OUT/data-parallel"
+step data-parallel-tenants64 300 "${CLI[@]}" data-parallel "$MODEL" "${ENGINE[@]}" -dp 2 --workloads tenants \
+  --num-tenants 64 --num-gpu-blocks-override 3500 --repeats 3 --output "$OUT/data-parallel-tenants64"
 
 ls -la "$OUT" | tee -a "$OUT/suite.log"
 exit $status
