@@ -7,7 +7,7 @@ import pytest
 
 from pagedllm.engine.kv_cache import BlockPool, KVCacheManager, extend_block_hashes
 from pagedllm.engine.request import Request
-from pagedllm.engine.router import BALANCE_ABS, Router, home_core
+from pagedllm.engine.router import BALANCE_ABS, HOME_SLACK, Router, rendezvous_order
 from pagedllm.sampling_params import SamplingParams
 
 BS = 4
@@ -134,8 +134,8 @@ def _burst(routers: list[Router], prompts: dict[str, list[int]], per_prompt: int
 
 def test_routers_sharing_the_cores_agree_on_a_new_prompts_core():
     """Two API processes route a burst on their own: each alone would send a new system prompt to its
-    own least-loaded core, splitting some prompts over both cores; shared, they place every prompt on
-    its home core (and both cores get prompts)."""
+    own least-loaded core, splitting some prompts over both cores; shared, they place every prompt by
+    its rendezvous order (and both cores get prompts)."""
     prompts = {f"p{k}": list(range(1000 * k, 1000 * k + 24)) for k in range(8)}
     apart = _burst([_router(), _router()], prompts, 12)
     assert any(len(cores) > 1 for cores in apart.values())
@@ -144,10 +144,20 @@ def test_routers_sharing_the_cores_agree_on_a_new_prompts_core():
     assert set().union(*together.values()) == {0, 1}
 
 
+def test_shared_routers_keep_unrelated_prompts_balanced():
+    """Prompts without shared prefixes are each new: by their hashes alone they would spread unevenly;
+    a core more than HOME_SLACK busier than the least-loaded is skipped, in each router's own count."""
+    routers = [Router(2, BS, "prefix", shared=True) for _ in range(2)]
+    counts = [0, 0]
+    for i in range(200):
+        counts[routers[i % 2].route([str(i)], [7 * i + j for j in range(BS + 1)])] += 1
+    assert abs(counts[0] - counts[1]) <= 2 * (HOME_SLACK + 1)
+
+
 def test_a_lost_core_moves_only_the_prompts_it_was_home_to():
     first_blocks = [prompt_block_hashes(list(range(k, k + 5)), BS)[0] for k in range(40)]
-    before = [home_core([0, 1, 2], h) for h in first_blocks]
-    after = [home_core([1, 2], h) for h in first_blocks]
+    before = [rendezvous_order([0, 1, 2], h)[0] for h in first_blocks]
+    after = [rendezvous_order([1, 2], h)[0] for h in first_blocks]
     assert set(before) == {0, 1, 2}
     assert all(a == b for a, b in zip(after, before) if b != 0) and set(after) == {1, 2}
 

@@ -3,8 +3,10 @@
 Policies (`--routing`):
   prefix        the core holding the longest cached prefix of the prompt, unless that core is
                 much busier than the least-loaded one; no match: the least-loaded core, or, where
-                several API processes route (`shared`), the prompt's home core by rendezvous hashing
-                of its first block, so that they all send a new system prompt to the same core.
+                several API processes route (`shared`), the first core in the prompt's rendezvous
+                order (a hash of its first block) that has at most HOME_SLACK more such new prompts
+                unfinished than another, so that they all send a new system prompt to the same core
+                while prompts that share nothing stay balanced.
   least-loaded  the core with the fewest unfinished sequences (then KV usage).
   round-robin   each core in turn.
 
@@ -29,6 +31,12 @@ ROUTING_POLICIES = ("prefix", "least-loaded", "round-robin")
 # than BALANCE_ABS and more than BALANCE_REL times as many unfinished sequences more than it
 BALANCE_ABS = 32
 BALANCE_REL = 0.5
+# with shared cores, a prompt that no core holds skips a core in its rendezvous order that holds more
+# than HOME_SLACK unfinished sequences placed that way more than another core: prompts without shared
+# prefixes (each one new) would otherwise land by their hashes alone, unbalanced. Counting only such
+# placements, not every sequence, keeps a system prompt's own burst from steering the next new prompt
+# away from its first choice (benchmarks/routing_balance.py)
+HOME_SLACK = 4
 
 
 class Router:
@@ -43,9 +51,10 @@ class Router:
         self.cached: list[set[bytes]] = [set() for _ in range(num_cores)]   # reported by each core
         self.pending: list[Counter] = [Counter() for _ in range(num_cores)]  # prompts sent, not finished
         self.load = [0] * num_cores                  # unfinished sequences sent to each core
+        self.new_load = [0] * num_cores              # ... of them placed as new prompts by rendezvous order
         self.reported = [0] * num_cores              # running + waiting, as each core last said
         self.kv_usage = [0.0] * num_cores
-        self._sequences: dict[str, tuple[int, list[bytes]]] = {}   # sequence id -> (core, prompt hashes)
+        self._sequences: dict[str, tuple[int, list[bytes], bool]] = {}   # id -> (core, prompt hashes, new)
         self._turn = itertools.cycle(range(num_cores))
 
     @property
@@ -59,11 +68,13 @@ class Router:
         if not live:
             raise RuntimeError("no engine core is running")
         hashes, matched = self._match(live, token_ids) if self.policy == "prefix" else ([], {})
-        core = self._pick(live, matched, hashes)
+        new = self.shared and bool(hashes) and max(matched.values(), default=0) == 0
+        core = self._place_new(live, hashes[0]) if new else self._pick(live, matched)
         for sequence_id in sequence_ids:
-            self._sequences[sequence_id] = (core, hashes)
+            self._sequences[sequence_id] = (core, hashes, new)
             self.pending[core].update(hashes)
         self.load[core] += len(sequence_ids)
+        self.new_load[core] += len(sequence_ids) if new else 0
         return core
 
     def _match(self, live: list[int], token_ids: list[int]) -> tuple[list[bytes], dict[int, int]]:
@@ -89,20 +100,37 @@ class Router:
                     matched[i] = n + 1
         return hashes, matched
 
-    def _pick(self, live: list[int], matched: dict[int, int], hashes: list[bytes]) -> int:
+    def _pick(self, live: list[int], matched: dict[int, int]) -> int:
         if self.policy == "round-robin":
             return next(i for i in self._turn if self.alive[i])
-        busy = {i: max(self.load[i], self.reported[i]) for i in live}
-        least = min(live, key=lambda i: (busy[i], self.kv_usage[i]))
+        busy, least = self._busy(live)
         if not matched:
             return least
         best = max(live, key=lambda i: (matched[i], -busy[i], -self.kv_usage[i]))
         if matched[best] == 0:
-            if not (self.shared and hashes):
-                return least
-            best = home_core(live, hashes[0])
-        excess = busy[best] - busy[least]
-        return least if excess > BALANCE_ABS and excess > BALANCE_REL * busy[least] else best
+            return least
+        return self._guard(best, least, busy)
+
+    def _place_new(self, live: list[int], first_block_hash: bytes) -> int:
+        """A prompt no core holds, with shared cores: the first core in its rendezvous order within
+        HOME_SLACK of the fewest new prompts, unless much busier than the least-loaded core."""
+        fewest = min(self.new_load[i] for i in live)
+        core = next(i for i in rendezvous_order(live, first_block_hash) if self.new_load[i] <= fewest + HOME_SLACK)
+        busy, least = self._busy(live)
+        return self._guard(core, least, busy)
+
+    def _busy(self, live: list[int]) -> tuple[dict[int, int], int]:
+        """Each live core's unfinished sequences as far as this router knows, and the least-loaded
+        core (ties: the lower KV usage)."""
+        busy = {i: max(self.load[i], self.reported[i]) for i in live}
+        return busy, min(live, key=lambda i: (busy[i], self.kv_usage[i]))
+
+    @staticmethod
+    def _guard(preferred: int, least: int, busy: dict[int, int]) -> int:
+        """The preferred core unless it has over BALANCE_ABS and over BALANCE_REL times as many
+        unfinished sequences more than the least-loaded one."""
+        excess = busy[preferred] - busy[least]
+        return least if excess > BALANCE_ABS and excess > BALANCE_REL * busy[least] else preferred
 
     def core_of(self, sequence_id: str) -> int | None:
         entry = self._sequences.get(sequence_id)
@@ -113,8 +141,9 @@ class Router:
         entry = self._sequences.pop(sequence_id, None)
         if entry is None:
             return
-        core, hashes = entry
+        core, hashes, new = entry
         self.load[core] -= 1
+        self.new_load[core] -= new
         pending = self.pending[core]
         for h in hashes:
             pending[h] -= 1
@@ -137,15 +166,17 @@ class Router:
         """The core is gone: route nothing more there; returns its unfinished sequences (forgotten)."""
         self.alive[core] = False
         self.cached[core].clear()
-        lost = [s for s, (c, _) in self._sequences.items() if c == core]
+        lost = [s for s, (c, _, _) in self._sequences.items() if c == core]
         for sequence_id in lost:
             self.finish(sequence_id)
         return lost
 
 
-def home_core(live: list[int], first_block_hash: bytes) -> int:
-    """Where a prompt that no core holds goes when several routers share the cores: the live core
-    whose hash with the prompt's first block is highest (rendezvous hashing). Every API process
-    computes the same core without talking to the others, so a burst of a new system prompt lands on
-    one core instead of each process's least-loaded one; a lost core moves only the prompts it was home to."""
-    return max(live, key=lambda i: hashlib.blake2b(first_block_hash + i.to_bytes(4, "little"), digest_size=8).digest())
+def rendezvous_order(live: list[int], first_block_hash: bytes) -> list[int]:
+    """The live cores in the order a prompt that no core holds prefers them when several routers
+    share the cores: by the hash of the prompt's first block with each core's index, highest first
+    (rendezvous hashing). Every API process computes the same order without talking to the others,
+    so a burst of a new system prompt lands on one core instead of each process's least-loaded one;
+    a lost core changes the first choice only of the prompts that put it first."""
+    return sorted(live, key=lambda i: hashlib.blake2b(first_block_hash + i.to_bytes(4, "little"),
+                                                       digest_size=8).digest(), reverse=True)
