@@ -19,11 +19,11 @@ import argparse
 import os
 import random
 import re
-import urllib.request
 
 from pagedllm.bench import results as res
 from pagedllm.bench.serve import ClientConfig, benchmark, served_model
 from pagedllm.bench.serve_vs_offline import post, start_server, stop_server
+from pagedllm.bench.stress import metric_samples
 from pagedllm.bench.workloads import BenchRequest, nano_requests, prefix_requests
 from pagedllm.engine.router import ROUTING_POLICIES
 
@@ -52,13 +52,11 @@ def _core_counters(url: str) -> dict[str, dict[str, float]]:
     names = {"vllm:prefix_cache_hits_total": "hits", "vllm:prefix_cache_queries_total": "queries",
              "vllm:num_preemptions_total": "preemptions"}
     cores: dict[str, dict[str, float]] = {}
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
-        text = response.read().decode()
-    for line in text.splitlines():
-        m = re.match(r'^(vllm:[a-z_]+_total)\{[^}]*engine="([^"]*)"[^}]*\} ([0-9.e+-]+)$', line)
-        if m and m.group(1) in names:
-            counts = cores.setdefault(m.group(2), dict.fromkeys(names.values(), 0.0))
-            counts[names[m.group(1)]] += float(m.group(3))
+    for name, labels, value in metric_samples(url):
+        engine = re.search(r'engine="([^"]*)"', labels)
+        if name in names and engine:
+            counts = cores.setdefault(engine.group(1), dict.fromkeys(names.values(), 0.0))
+            counts[names[name]] += value
     return cores
 
 

@@ -30,16 +30,24 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
+def metric_samples(url: str, headers: dict | None = None) -> list[tuple[str, str, float]]:
+    """Every vllm:* sample of /metrics as (name, labels as written, value)."""
+    out = []
+    for line in httpx.get(url + "/metrics", headers=headers, timeout=30).text.splitlines():
+        m = re.match(r'^(vllm:[a-z0-9_]+)(\{[^}]*\})? ([0-9.e+-]+)$', line)
+        if m:
+            out.append((m.group(1), m.group(2) or "", float(m.group(3))))
+    return out
+
+
 def read_metrics(url: str, headers: dict | None = None) -> dict[str, float]:
     """vllm:* samples of /metrics; `finished_reason` labels folded into the key, other labels (the
     `engine` of each data-parallel core) added up."""
     out: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", headers=headers, timeout=30).text.splitlines():
-        m = re.match(r'^(vllm:[a-z0-9_]+)(\{[^}]*\})? ([0-9.e+-]+)$', line)
-        if m:
-            reason = re.search(r'finished_reason="(\w+)"', m.group(2) or "")
-            key = m.group(1) + (f"[{reason.group(1)}]" if reason else "")
-            out[key] = out.get(key, 0.0) + float(m.group(3))
+    for name, labels, value in metric_samples(url, headers):
+        reason = re.search(r'finished_reason="(\w+)"', labels)
+        key = name + (f"[{reason.group(1)}]" if reason else "")
+        out[key] = out.get(key, 0.0) + value
     return out
 
 
