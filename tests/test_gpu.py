@@ -4,8 +4,7 @@
   Qwen3-0.6B weights (Triton kernels + CUDA graphs against HF's own attention).
 - float32 with shared system prompts: the same, with decode steps reading the shared prefixes
   through cascade attention (tiles of sequences, worker/shared_prefix.py).
-- bfloat16: CUDA-graph decoding equal to eager decoding for the first 32 tokens of several prompts;
-  a large decode batch run as two halves on two streams against one batch.
+- bfloat16: CUDA-graph decoding equal to eager decoding for the first 32 tokens of several prompts.
 """
 
 import gc
@@ -16,7 +15,6 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.kernels.triton import pdl
-from pagedllm.models import nano_batches
 from pagedllm.worker import model_runner
 from tests.conftest import random_prompts
 
@@ -154,36 +152,6 @@ def test_bf16_batch_of_one_matches_a_batch(qwen3_checkpoint, monkeypatch):
     print(f"bf16 batch 1 vs batch 8: {equal} of {32 * len(prompts)} tokens identical before any divergence, "
           f"{whole} of {len(prompts)} prompts identical for all 32")
     assert equal >= 0.25 * 32 * len(prompts)   # H200, 2026-11-30: 98 of 256 (a wrong kernel: a few)
-
-
-def test_bf16_decode_halves_match_one_batch(qwen3_checkpoint, monkeypatch):
-    """160 sequences decode as two halves on two streams inside the CUDA graphs (models/nano_batches.py);
-    against the same with the halves off, the same tokens except after near-ties (the GEMMs run at other
-    shapes and may round differently). A half reading rows the other has not written yet, or a missing
-    join, would show as divergence without a tie."""
-    path, _ = qwen3_checkpoint
-    prompts = random_prompts(160, 151936, 10, 200, seed=6)
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
-    runs, halved = {}, []
-    run_halves = nano_batches.run_halves
-
-    def counted(*args):
-        halved.append(args[2].shape[0])
-        return run_halves(*args)
-    monkeypatch.setattr(nano_batches, "run_halves", counted)
-    for on in (True, False):
-        monkeypatch.setattr(nano_batches, "MIN_ROWS", 128 if on else 1 << 30)
-        halved.clear()
-        llm = LLM(path, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3, max_num_seqs=256,
-                  enable_prefix_caching=False)
-        assert bool(halved) == on   # the captures ran the halves, or nothing did
-        runs[on] = [o.outputs[0] for o in llm.generate(prompts, params)]
-        del llm
-        free_gpu()
-    equal, whole = _agreement(runs[False], runs[True], tie=0.25)
-    print(f"bf16 halves vs one batch: {equal} of {32 * len(prompts)} tokens identical before any divergence, "
-          f"{whole} of {len(prompts)} prompts identical for all 32")
-    assert equal >= 0.25 * 32 * len(prompts)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

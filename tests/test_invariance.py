@@ -82,24 +82,3 @@ def test_waiting_abort_and_status(tiny_models):
     while engine.has_unfinished_requests():
         engine.step()
     assert_no_leaks(llm)
-
-
-def test_decode_halves_equal_whole(reference, monkeypatch):
-    """Decode steps run as two halves (models/nano_batches.py, on two streams on a GPU; here one
-    after the other, forced on for every decode step of 2 or more rows) give the same tokens."""
-    from pagedllm.models import nano_batches
-    path, prompts, alone = reference
-    halved = []
-    run_halves = nano_batches.run_halves
-
-    def counted(layers, norm, hidden, positions, md):
-        halved.append(hidden.shape[0])
-        return run_halves(layers, norm, hidden, positions, md)
-
-    monkeypatch.setattr(nano_batches, "applies", lambda ids, md, tp: md.decode_only and md.shared is None
-                        and ids.shape[0] >= 2)
-    monkeypatch.setattr(nano_batches, "run_halves", counted)
-    llm = LLM(path, max_model_len=128, enable_prefix_caching=False)
-    outputs = llm.generate(prompts, GREEDY)
-    assert [o.outputs[0].token_ids for o in outputs] == alone
-    assert halved and max(halved) == len(prompts)

@@ -41,13 +41,6 @@ class AttentionMetadata:
     def decode_only(self) -> bool:
         return self.max_query_len == 1
 
-    def decode_rows(self, start: int, stop: int) -> "AttentionMetadata":
-        """Sequences start..stop of a decode-only step without a cascade plan (one token a sequence,
-        so their token rows are the same rows)."""
-        assert self.decode_only and self.shared is None
-        return AttentionMetadata(self.slot_mapping[start:stop], self.cu_seqlens_q[start:stop + 1] - start,
-                                 self.seq_lens[start:stop], self.block_tables[start:stop], 1, self.max_seq_len)
-
 
 @dataclass
 class QKVLayout:

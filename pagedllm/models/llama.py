@@ -22,7 +22,6 @@ from pagedllm.layers.linear import (ColumnParallelLinear, RowParallelLinear, Sha
                                     copy_whole)
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.models import nano_batches
 
 # checkpoint name fragment -> (fused parameter fragment, shard index)
 PACKED_SHARDS = {
@@ -100,7 +99,6 @@ class DecoderModel(nn.Module):
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.tp_size = tp.size
         rotary = RotaryEmbedding(config, head_dim, max_positions)
         self.rotary = rotary
         self.layers = nn.ModuleList(DecoderLayer(config, rotary, backend, qkv_bias, qk_norm, tp)
@@ -109,8 +107,6 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids, positions, md):
         hidden = self.embed_tokens(input_ids)
-        if nano_batches.applies(input_ids, md, self.tp_size):
-            return nano_batches.run_halves(self.layers, self.norm, hidden, positions, md)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, md)
