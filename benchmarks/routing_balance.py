@@ -25,7 +25,7 @@ def route_burst(requests: list[BenchRequest], routers: int, shared: bool, slack:
     default = router_module.HOME_SLACK
     router_module.HOME_SLACK = default if slack is None else slack
     try:
-        pool = [Router(2, BLOCK, "prefix", shared=shared) for _ in range(routers)]
+        pool = [Router(2, BLOCK, "prefix", routers=routers if shared else 1) for _ in range(routers)]
         return [pool[i % routers].route([str(i)], r.prompt_token_ids) for i, r in enumerate(requests)]
     finally:
         router_module.HOME_SLACK = default

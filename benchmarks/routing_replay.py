@@ -27,7 +27,8 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "pagedllm", "data", "qwen
 
 def replay(args, config, requests, policy: str, pool_blocks: int) -> list[tuple[int, int, int, int]]:
     """(requests, steps, computed prompt tokens, preemptions) of each core."""
-    routers = [Router(args.cores, config.cache.block_size, policy, shared=args.api_servers > 1)
+    capacity = None if args.no_capacity else config.scheduler.max_num_seqs
+    routers = [Router(args.cores, config.cache.block_size, policy, routers=args.api_servers, capacity=capacity)
                for _ in range(args.api_servers)]
     shares = [[] for _ in range(args.cores)]
     for i, r in enumerate(requests):
@@ -51,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--api-servers", type=int, default=1, help="routers, each routing its share on its own")
+    parser.add_argument("--no-capacity", action="store_true", help="routers that do not know max_num_seqs")
     add_tenant_args(parser)
     parser.add_argument("--pool-blocks", type=int, nargs="+", default=[71754, 4000, 3500],
                         help="KV blocks of 16 tokens a core (71,754: Qwen3-0.6B on an H200 at 0.9 utilisation)")

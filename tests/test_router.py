@@ -95,6 +95,22 @@ def test_affinity_yields_to_a_much_less_loaded_core():
     assert router.load == [BALANCE_ABS + 1, 1] if hot == 0 else [1, BALANCE_ABS + 1]
 
 
+def test_affinity_yields_when_its_core_is_full_and_another_is_not():
+    """A full core (capacity = max_num_seqs unfinished) would make the next sequence wait for a slot
+    while the other core could start it now: the prefix goes there too. A router sharing the cores with
+    another counts its own sends twice (the other gets about as many), or the core's own report."""
+    shared = list(range(50, 70))
+    for routers, own_to_fill in ((1, 4), (2, 2)):
+        router = Router(2, BS, "prefix", routers=routers, capacity=4)
+        router.observe(0, prompt_block_hashes(shared + [0], BS), [], None)     # core 0 holds the prefix
+        assert [router.route([f"s{i}"], shared) for i in range(own_to_fill + 1)] == [0] * own_to_fill + [1]
+    reported = Router(2, BS, "prefix", capacity=4)
+    reported.observe(0, prompt_block_hashes(shared + [0], BS), [], None, 4)
+    assert reported.route(["r"], shared) == 1
+    reported.observe(1, [], [], None, 4)                 # both full: affinity again
+    assert reported.route(["q"], shared) == 0
+
+
 def test_n_sequences_go_together_and_count_as_load():
     router = _router("least-loaded")
     core = router.route(["r-0", "r-1", "r-2"], [1, 2, 3])
@@ -139,7 +155,7 @@ def test_routers_sharing_the_cores_agree_on_a_new_prompts_core():
     prompts = {f"p{k}": list(range(1000 * k, 1000 * k + 24)) for k in range(8)}
     apart = _burst([_router(), _router()], prompts, 12)
     assert any(len(cores) > 1 for cores in apart.values())
-    together = _burst([Router(2, BS, "prefix", shared=True) for _ in range(2)], prompts, 12)
+    together = _burst([Router(2, BS, "prefix", routers=2) for _ in range(2)], prompts, 12)
     assert all(len(cores) == 1 for cores in together.values())
     assert set().union(*together.values()) == {0, 1}
 
@@ -147,7 +163,7 @@ def test_routers_sharing_the_cores_agree_on_a_new_prompts_core():
 def test_shared_routers_keep_unrelated_prompts_balanced():
     """Prompts without shared prefixes are each new: by their hashes alone they would spread unevenly;
     a core more than HOME_SLACK busier than the least-loaded is skipped, in each router's own count."""
-    routers = [Router(2, BS, "prefix", shared=True) for _ in range(2)]
+    routers = [Router(2, BS, "prefix", routers=2) for _ in range(2)]
     counts = [0, 0]
     for i in range(200):
         counts[routers[i % 2].route([str(i)], [7 * i + j for j in range(BS + 1)])] += 1

@@ -49,7 +49,8 @@ class AsyncLLM:
         if len(addresses) == 1:
             self.client = AsyncMPClient(addresses[0], self._on_dead)
         else:
-            router = Router(len(addresses), config.cache.block_size, routing, shared=num_api_servers > 1)
+            router = Router(len(addresses), config.cache.block_size, routing, routers=num_api_servers,
+                            capacity=config.scheduler.max_num_seqs)
             self.client = DPAsyncClient(addresses, router, self._on_dead)
         self.metrics = metrics
         self.log_stats = metrics is not None and self.client.client_index == 0

@@ -32,7 +32,8 @@ class LLMEngine:
         if config.data_parallel_size > 1:
             from pagedllm.engine.router import Router
             clients = [SyncMPClient(core) for core in start_cores(config, source, 1, args.data_parallel_backend)]
-            router = Router(config.data_parallel_size, config.cache.block_size, args.routing)
+            router = Router(config.data_parallel_size, config.cache.block_size, args.routing,
+                            capacity=config.scheduler.max_num_seqs)
             return cls(config, tokenizer, DPSyncClient(clients, router))
         if args.core_process:
             return cls(config, tokenizer, SyncMPClient.start(config, source))

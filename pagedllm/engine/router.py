@@ -2,8 +2,9 @@
 
 Policies (`--routing`):
   prefix        the core holding the longest cached prefix of the prompt, unless that core is
-                much busier than the least-loaded one; no match: the least-loaded core, or, where
-                several API processes route (`shared`), the first core in the prompt's rendezvous
+                much busier than the least-loaded one or full (max_num_seqs unfinished) while it
+                is not; no match: the least-loaded core, or, where
+                several API processes route (`routers` > 1), the first core in the prompt's rendezvous
                 order (a hash of its first block) that has at most HOME_SLACK more such new prompts
                 unfinished than another, so that they all send a new system prompt to the same core
                 while prompts that share nothing stay balanced.
@@ -40,12 +41,16 @@ HOME_SLACK = 4
 
 
 class Router:
-    def __init__(self, num_cores: int, block_size: int, policy: str = "prefix", shared: bool = False) -> None:
-        """shared: other routers (API processes) send to the same cores, each on its own."""
+    def __init__(self, num_cores: int, block_size: int, policy: str = "prefix", routers: int = 1,
+                 capacity: int | None = None) -> None:
+        """routers: how many routers (API processes, this one included) send to the same cores, each on
+        its own; capacity: the sequences a core runs at once (max_num_seqs), None for no limit."""
         if policy not in ROUTING_POLICIES:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}")
         self.policy = policy
-        self.shared = shared
+        self.routers = routers
+        self.shared = routers > 1
+        self.capacity = capacity
         self.block_size = block_size
         self.alive = [True] * num_cores
         self.cached: list[set[bytes]] = [set() for _ in range(num_cores)]   # reported by each core
@@ -119,16 +124,25 @@ class Router:
         busy, least = self._busy(live)
         return self._guard(core, least, busy)
 
+    def _full(self, core: int) -> bool:
+        """Whether the core has `capacity` unfinished sequences already, so that one more would wait for
+        a slot: by what it last reported, or by this router's own sends times the number of routers
+        (in a burst the reports lag, and each API process gets about an equal share of the requests)."""
+        return self.capacity is not None and max(self.load[core] * self.routers, self.reported[core]) >= self.capacity
+
     def _busy(self, live: list[int]) -> tuple[dict[int, int], int]:
         """Each live core's unfinished sequences as far as this router knows, and the least-loaded
         core (ties: the lower KV usage)."""
         busy = {i: max(self.load[i], self.reported[i]) for i in live}
         return busy, min(live, key=lambda i: (busy[i], self.kv_usage[i]))
 
-    @staticmethod
-    def _guard(preferred: int, least: int, busy: dict[int, int]) -> int:
-        """The preferred core unless it has over BALANCE_ABS and over BALANCE_REL times as many
-        unfinished sequences more than the least-loaded one."""
+    def _guard(self, preferred: int, least: int, busy: dict[int, int]) -> int:
+        """The preferred core unless it is full while the least-loaded one is not (a full core's new
+        sequence waits for a whole sequence to finish there, which costs more than computing its prefix
+        elsewhere), or it has over BALANCE_ABS and over BALANCE_REL times as many unfinished sequences
+        more than the least-loaded one."""
+        if self._full(preferred) and not self._full(least):
+            return least
         excess = busy[preferred] - busy[least]
         return least if excess > BALANCE_ABS and excess > BALANCE_REL * busy[least] else preferred
 
