@@ -287,3 +287,11 @@ def test_output_names_keep_their_dots(tmp_path):
     assert json.loads((tmp_path / "latency-0.6b-abc.json").read_text()) == {"x": 1}
     assert output_file(tmp_path / "run.json", ".md") == tmp_path / "run.md"
     assert output_file("out/nano-8b", ".png").name == "nano-8b.png"
+
+
+def test_results_record_the_settings_in_the_environment():
+    from pagedllm.bench.results import environment, settings_in_environment
+    env = {"TORCH_BLAS_PREFER_CUBLASLT": "1", "CUDA_VISIBLE_DEVICES": "0,1", "HOME": "/root", "PATH": "/bin",
+           "PAGEDLLM_API_KEY": "sk-secret", "VLLM_API_KEY": "x", "NCCL_IB_TOKEN": "y"}
+    assert settings_in_environment(env) == {"CUDA_VISIBLE_DEVICES": "0,1", "TORCH_BLAS_PREFER_CUBLASLT": "1"}
+    assert isinstance(environment()["environment_variables"], dict)

@@ -22,6 +22,7 @@ def environment() -> dict:
         "command": " ".join(["pagedllm"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("pagedllm")
         else " ".join(sys.argv),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment_variables": settings_in_environment(),
     }
     try:
         import triton
@@ -37,6 +38,19 @@ def environment() -> dict:
 
 
 PACKAGE = Path(__file__).resolve().parents[1]
+# environment variables that can change what a run measures (library choices, kernels, allocator, devices)
+SETTING_PREFIXES = ("PAGEDLLM_", "TORCH_", "PYTORCH_", "CUDA_", "CUBLAS", "NCCL_", "TRITON_", "OMP_", "VLLM_")
+
+
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def settings_in_environment(environ=os.environ) -> dict[str, str]:
+    """The variables of SETTING_PREFIXES that are set (never one named like a secret, such as
+    PAGEDLLM_API_KEY): an A/B run under TORCH_BLAS_PREFER_CUBLASLT=1, say, must say so in its result,
+    not only in its file name."""
+    return {k: v for k, v in sorted(environ.items())
+            if k.startswith(SETTING_PREFIXES) and not any(word in k for word in SECRET_WORDS)}
 
 
 def source_digest(package: Path = PACKAGE) -> str:
