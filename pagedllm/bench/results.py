@@ -40,9 +40,7 @@ def environment() -> dict:
 PACKAGE = Path(__file__).resolve().parents[1]
 # environment variables that can change what a run measures (library choices, kernels, allocator, devices)
 SETTING_PREFIXES = ("PAGEDLLM_", "TORCH_", "PYTORCH_", "CUDA_", "CUBLAS", "NCCL_", "TRITON_", "OMP_", "VLLM_")
-
-
-SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")   # such variables are never recorded
 
 
 def settings_in_environment(environ=os.environ) -> dict[str, str]:

@@ -49,7 +49,6 @@ class Router:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}")
         self.policy = policy
         self.routers = routers
-        self.shared = routers > 1
         self.capacity = capacity
         self.block_size = block_size
         self.alive = [True] * num_cores
@@ -65,6 +64,11 @@ class Router:
     @property
     def num_cores(self) -> int:
         return len(self.alive)
+
+    @property
+    def shared(self) -> bool:
+        """Other routers (API processes) send to the same cores, each on its own."""
+        return self.routers > 1
 
     def route(self, sequence_ids: list[str], token_ids: list[int]) -> int:
         """Pick the core for a request's sequences (they share a prompt, so they go together) and
@@ -128,12 +132,17 @@ class Router:
         """Whether the core has `capacity` unfinished sequences already, so that one more would wait for
         a slot: by what it last reported, or by this router's own sends times the number of routers
         (in a burst the reports lag, and each API process gets about an equal share of the requests)."""
-        return self.capacity is not None and max(self.load[core] * self.routers, self.reported[core]) >= self.capacity
+        return self.capacity is not None and self._unfinished(core, self.routers) >= self.capacity
+
+    def _unfinished(self, core: int, share: int = 1) -> int:
+        """The core's unfinished sequences: the larger of this router's own sends (times `share`) and the
+        running + waiting the core last reported."""
+        return max(self.load[core] * share, self.reported[core])
 
     def _busy(self, live: list[int]) -> tuple[dict[int, int], int]:
         """Each live core's unfinished sequences as far as this router knows, and the least-loaded
         core (ties: the lower KV usage)."""
-        busy = {i: max(self.load[i], self.reported[i]) for i in live}
+        busy = {i: self._unfinished(i) for i in live}
         return busy, min(live, key=lambda i: (busy[i], self.kv_usage[i]))
 
     def _guard(self, preferred: int, least: int, busy: dict[int, int]) -> int:
