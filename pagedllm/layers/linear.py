@@ -41,18 +41,20 @@ SKINNY_MAX_WEIGHTS = 20 << 20   # elements: Qwen3-8B's o_proj (16.8 M) streams f
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           gated: bool = False, activate: bool = False) -> torch.Tensor:
+           gated: bool = False, activate: bool = False, overlap: bool = True) -> torch.Tensor:
     """F.linear, except a decode step's few rows in half precision on a GPU, where our kernels stream
     the weights faster than cuBLAS's (_kernel). The MLP's SiLU-and-mul goes where
     activation_in_gate_up() says: gated, x is [gate | up] and the input is silu(gate) * up (the
     skinny kernel computes it as it loads x); activate, weight's rows are [gate | up] and the
-    output is silu(gate) * up (the small-batch kernel's epilogue)."""
+    output is silu(gate) * up (the small-batch kernel's epilogue). overlap=False: our kernels launch
+    without programmatic dependent launch, after the kernel before them has ended."""
     kernel = _kernel(x, weight, bias)
     if kernel == "skinny_gemm":
         assert not activate
-        return triton_module(kernel).skinny_linear(x, weight, gated)
+        return triton_module(kernel).skinny_linear(x, weight, gated, overlap)
     if kernel == "small_gemm":
-        return triton_module(kernel).small_linear(silu_and_mul(x) if gated else x, weight, silu_and_mul=activate)
+        return triton_module(kernel).small_linear(silu_and_mul(x) if gated else x, weight, silu_and_mul=activate,
+                                                  overlap=overlap)
     y = F.linear(silu_and_mul(x) if gated else x, weight, bias)
     return silu_and_mul(y) if activate else y
 
@@ -129,9 +131,10 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias.weight_loader = copy_whole
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """gated: x is [gate | up] of this rank's features, as the MLP's down projection gets it."""
-        y = self.tp.all_reduce(linear(x, self.weight, gated=gated))
+    def forward(self, x: torch.Tensor, gated: bool = False, overlap: bool = True) -> torch.Tensor:
+        """gated: x is [gate | up] of this rank's features, as the MLP's down projection gets it.
+        overlap: as linear() takes it."""
+        y = self.tp.all_reduce(linear(x, self.weight, gated=gated, overlap=overlap))
         return y if self.bias is None else y + self.bias   # the bias once, after the sum
 
     def _load(self, param: torch.Tensor, tensor: torch.Tensor, shard: int | None = None) -> None:

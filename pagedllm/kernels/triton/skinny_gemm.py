@@ -51,13 +51,14 @@ def block_n(k: int) -> int:
     return 4 if k <= 1024 else 2
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """x [1, K] (or [1, 2K] of gate|up when gated), w [N, K], both contiguous -> [1, N] in x's dtype."""
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, gated: bool = False, overlap: bool = True) -> torch.Tensor:
+    """x [1, K] (or [1, 2K] of gate|up when gated), w [N, K], both contiguous -> [1, N] in x's dtype.
+    overlap: launch with PDL (pdl.py), to start while the kernel before it runs."""
     n, k = w.shape
     assert x.shape == (1, 2 * k if gated else k) and x.is_contiguous() and w.is_contiguous()
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     width = block_n(k)
     _skinny_kernel[(triton.cdiv(n, width),)](x, w, y, n, k, w.stride(0), BLOCK_N=width, BLOCK_K=BLOCK_K,
                                              GATED=gated, num_warps=1, num_stages=1,
-                                             **pdl.launch_options(x.device))
+                                             **pdl.launch_options(x.device, wanted=overlap))
     return y

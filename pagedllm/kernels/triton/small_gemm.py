@@ -83,9 +83,11 @@ def stage_bytes(block_m: int, block_n: int, block_k: int, silu_and_mul: bool) ->
     return (block_m + block_n * (2 if silu_and_mul else 1)) * block_k * 2
 
 
-def small_linear(x: torch.Tensor, w: torch.Tensor, silu_and_mul: bool = False, **override) -> torch.Tensor:
+def small_linear(x: torch.Tensor, w: torch.Tensor, silu_and_mul: bool = False, overlap: bool = True,
+                 **override) -> torch.Tensor:
     """x [M, K], w [N, K] (or [2N, K] of gate|up rows with silu_and_mul), both with unit stride
-    along K -> [M, N] in x's dtype. override: config() keys (for the sweep)."""
+    along K -> [M, N] in x's dtype. overlap: launch with PDL (pdl.py), to start while the kernel
+    before it runs. override: config() keys (for the sweep)."""
     n, k = w.shape
     n = n // 2 if silu_and_mul else n
     m = x.shape[0]
@@ -96,5 +98,5 @@ def small_linear(x: torch.Tensor, w: torch.Tensor, silu_and_mul: bool = False, *
     _small_gemm_kernel[grid](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                              SILU_AND_MUL=silu_and_mul, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                             **pdl.launch_options(x.device, wanted=cfg["pdl"]))
+                             **pdl.launch_options(x.device, wanted=cfg["pdl"] and overlap))
     return y
