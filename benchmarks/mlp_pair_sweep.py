@@ -12,7 +12,7 @@ from skinny_gemm_sweep import graph_us
 from pagedllm.kernels.triton import small_gemm
 
 HIDDEN, INTERMEDIATE, COPIES = 4096, 12288, 8
-VARIANTS = {"config()": {}, "no PDL": dict(pdl=False), "BLOCK_N 64": dict(BLOCK_N=64),
+VARIANTS = {"config()": {}, "no PDL": dict(overlap=False), "BLOCK_N 64": dict(BLOCK_N=64),
             "BLOCK_K 128": dict(BLOCK_K=128), "3 stages": dict(num_stages=3), "8 warps": dict(num_warps=8),
             "BLOCK_N 16": dict(BLOCK_N=16), "BLOCK_K 512 s3": dict(BLOCK_K=512, num_stages=3)}
 

@@ -44,14 +44,13 @@ def candidates(m: int, n: int, silu: bool, quick: bool) -> list[dict]:
     for bm, bn, bk, stages in itertools.product(*grid):
         stage = small_gemm.stage_bytes(bm, bn, bk, silu)
         if bm <= tallest and bn <= triton.next_power_of_2(n) and stage * (stages + 1) <= small_gemm.SHARED_MEMORY:
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, pdl=True,
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages,
                             num_warps=8 if bm == 128 else 4))
     return out
 
 
 def key(cfg: dict) -> str:
-    return (f"m{cfg['BLOCK_M']} n{cfg['BLOCK_N']} k{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
-            + ("" if cfg["pdl"] else " nopdl"))
+    return f"m{cfg['BLOCK_M']} n{cfg['BLOCK_N']} k{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
 
 
 def baseline(x: torch.Tensor, w: torch.Tensor, silu: bool):

@@ -75,7 +75,7 @@ def config(m: int, n: int, k: int, silu_and_mul: bool = False) -> dict:
     stages = min(5, SHARED_MEMORY // stage_bytes(block_m, block_n, block_k, silu_and_mul) - 1)
     if silu_and_mul and block_n >= 64:
         stages = 3
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=max(2, stages), pdl=True)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=max(2, stages))
 
 
 def stage_bytes(block_m: int, block_n: int, block_k: int, silu_and_mul: bool) -> int:
@@ -98,5 +98,5 @@ def small_linear(x: torch.Tensor, w: torch.Tensor, silu_and_mul: bool = False, o
     _small_gemm_kernel[grid](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                              SILU_AND_MUL=silu_and_mul, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                             **pdl.launch_options(x.device, wanted=cfg["pdl"] and overlap))
+                             **pdl.launch_options(x.device, wanted=overlap))
     return y
