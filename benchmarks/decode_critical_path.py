@@ -1,16 +1,19 @@
-"""What each kernel of a batch-1 decode step adds to the step's time. Under programmatic dependent
+"""What each kernel of a decode step adds to the step's time. Under programmatic dependent
 launch a kernel starts before the one before it ends, so kernel durations overlap and their sum
 overstates the step; what a kernel costs the step is how much later it ends than its predecessor.
-From a torch.profiler trace (kernels of the CUDA graphs included) of one request's decode steps,
-per kernel (name and grid): launches a step, mean duration, mean overlap with the predecessor and
-mean end-to-end increment, and the increments' sum a step. A development tool for a GPU:
-`python benchmarks/decode_critical_path.py [MODEL ...]` (default Qwen/Qwen3-8B, dummy weights, bf16).
+From a torch.profiler trace (kernels of the CUDA graphs included) of --batch requests' decode
+steps, per kernel (name and grid): launches a step, mean duration, mean overlap with the predecessor
+and mean end-to-end increment, and the increments' sum a step. With more than one request the
+profiled run finds its prompts in the prefix cache, so its prefill is one short step. A development
+tool for a GPU: `python benchmarks/decode_critical_path.py [MODEL ...] [--batch N ...]` (default
+Qwen/Qwen3-8B at batch 1, dummy weights, bf16).
 """
+
+import argparse
 
 import gc
 import json
 import random
-import sys
 import tempfile
 from collections import defaultdict
 
@@ -54,28 +57,34 @@ def report(events: list[dict], steps: int) -> None:
     print(f"{'kernels launched less than once a step (prefill)':96s} {rare / steps:10.1f}")
 
 
-def profile_steps(llm: LLM) -> list[dict]:
-    """Kernels of one request: a 512-token prompt, then STEPS decode steps (after a warm-up run)."""
+def profile_steps(llm: LLM, batch: int) -> list[dict]:
+    """Kernels of `batch` requests, each a distinct 512-token prompt (no shared prefix, so no cascade),
+    then STEPS decode steps (after a warm-up run)."""
     rng = random.Random(0)
-    prompt = {"prompt_token_ids": [rng.randrange(1000, 20000) for _ in range(PROMPT_LEN)]}
+    prompts = [{"prompt_token_ids": [rng.randrange(1000, 20000) for _ in range(PROMPT_LEN)]} for _ in range(batch)]
     params = SamplingParams(temperature=0.0, max_tokens=STEPS + 1, ignore_eos=True)
-    llm.generate([prompt], params, use_tqdm=False)
+    llm.generate(prompts, params, use_tqdm=False)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        llm.generate([prompt], params, use_tqdm=False)
+        llm.generate(prompts, params, use_tqdm=False)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         return kernels(f.name)
 
 
 def main() -> None:
-    for model in sys.argv[1:] or ["Qwen/Qwen3-8B"]:
-        with LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=4096, max_num_seqs=1,
-                 max_num_batched_tokens=1024) as llm:
-            events = profile_steps(llm)
-        gc.collect()
-        torch.cuda.empty_cache()
-        print(f"\n=== {model}, batch 1, prompt {PROMPT_LEN}")
-        report(events, STEPS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("models", nargs="*", default=["Qwen/Qwen3-8B"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="decoding requests (one run each)")
+    args = parser.parse_args()
+    for model in args.models:
+        for batch in args.batch:
+            with LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=4096, max_num_seqs=batch,
+                     max_num_batched_tokens=max(1024, min(8192, batch * PROMPT_LEN))) as llm:
+                events = profile_steps(llm, batch)
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(f"\n=== {model}, batch {batch}, prompt {PROMPT_LEN}")
+            report(events, STEPS)
 
 
 if __name__ == "__main__":
