@@ -239,57 +239,19 @@ def _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, valid, m_i, l_i,
              mask=valid[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-@triton.jit
-def _store_out(out_ptr, row, head, h_valid, acc, l_i, stride_ob, stride_oh, DIM_PAD: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
-    """Normalised rows acc / l_i of query row `row` (l_i 0 gives zeros: a padding row)."""
-    offs_d = tl.arange(0, DIM_PAD)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + row.to(tl.int64) * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=h_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
-
-
-@triton.jit
-def _combine_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, used, h_valid, BLOCK_H: tl.constexpr,
-                      SLOTS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Slots 0..used-1 of the rows part [BLOCK_H] (slot 0's index) merged: each rescaled by
-    exp2(m_slot - m_max), in slot order whichever program runs it. Returns (acc, l). Loads bypass
-    L1: other SMs wrote these partials during this launch."""
-    offs_s = tl.arange(0, SLOTS_PAD)
-    offs_d = tl.arange(0, DIM_PAD)
-    valid = h_valid[:, None] & (offs_s < used)[None, :]
-    m = tl.load(part_m_ptr + part[:, None] + offs_s[None, :], mask=valid, other=float("-inf"), cache_modifier=".cg")
-    m_max = tl.max(m, 1)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_parts = tl.load(part_l_ptr + part[:, None] + offs_s[None, :], mask=valid, other=0.0, cache_modifier=".cg")
-    l_sum = tl.sum(l_parts * tl.exp2(m - m_max[:, None]), 1)
-    acc = tl.zeros([BLOCK_H, DIM_PAD], tl.float32)
-    for slot in range(0, used):
-        m_slot = tl.load(part_m_ptr + part + slot, mask=h_valid, other=float("-inf"), cache_modifier=".cg")
-        acc_slot = tl.load(part_acc_ptr + (part + slot)[:, None] * HEAD_DIM + offs_d[None, :],
-                           mask=h_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
-        acc += acc_slot * tl.exp2(m_slot - m_max)[:, None]
-    return acc, l_sum
-
-
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, shared_lens_ptr, q_rows_ptr, block_tables_ptr,
-        part_m_ptr, part_l_ptr, part_acc_ptr, arrivals_ptr, out_ptr, scale_log2,
+        part_m_ptr, part_l_ptr, part_acc_ptr, scale_log2,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        stride_ob, stride_oh,
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, HAS_SHARED: tl.constexpr,
-        HAS_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ROWS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Grid (kv heads, NUM_SPLITS, B). A program attends the GROUP query heads of one KV head (padded
     to BLOCK_H >= 16 rows for tl.dot) to its split of the context after the sequence's shared
     prefix (positions shared_lens[seq].., see _shared_prefix_kernel) and writes the partial row max
     (log2 domain), softmax denominator and unnormalised output. Splits past the end write nothing.
-    Without HAS_SHARED the kernel finishes the job itself: a sequence in one split writes its output
-    rows directly; otherwise the last of its splits to arrive (a counter in arrivals, which that
-    program puts back to 0) merges the partials into them, so no reduce kernel follows. A padding
-    sequence (seq_len 0) gets zero rows there, unless HAS_ROWS.
     The query is row q_rows[seq] of q with HAS_ROWS (a mixed step's single tokens), else row seq.
     The KV head is the fastest grid axis: programs that run side by side read the neighbouring
     per-head rows of the same cache blocks (2% faster than sequence-first at batches 128-256 on the
@@ -302,18 +264,15 @@ def _decode_split_kernel(
     shared = tl.load(shared_lens_ptr + seq) if HAS_SHARED else 0
     split_len = _split_len(seq_len - shared, NUM_SPLITS, BLOCK_N)
     start = shared + split * split_len
-    offs_h = tl.arange(0, BLOCK_H)
-    h_valid = offs_h < GROUP
-    head = kv_head * GROUP + offs_h
-    row = tl.load(q_rows_ptr + seq) if HAS_ROWS else seq
     if start >= seq_len:
-        if not HAS_SHARED and not HAS_ROWS and seq_len == 0 and split == 0:
-            _store_out(out_ptr, row, head, h_valid, tl.zeros([BLOCK_H, DIM_PAD], tl.float32),
-                       tl.zeros([BLOCK_H], tl.float32), stride_ob, stride_oh, DIM_PAD, HEAD_DIM)
         return
     end = tl.minimum(start + split_len, seq_len)
 
+    offs_h = tl.arange(0, BLOCK_H)
+    h_valid = offs_h < GROUP
+    head = kv_head * GROUP + offs_h
     offs_d = tl.arange(0, DIM_PAD)
+    row = tl.load(q_rows_ptr + seq) if HAS_ROWS else seq
     q = tl.load(q_ptr + row.to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
                 mask=h_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     q = q.to(k_cache_ptr.dtype.element_ty)
@@ -324,21 +283,8 @@ def _decode_split_kernel(
                                  block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, start, end, scale_log2,
                                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                  DIM_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
-    used = tl.cdiv(seq_len - shared, split_len)
-    if not HAS_SHARED and used == 1:
-        _store_out(out_ptr, row, head, h_valid, acc, l_i, stride_ob, stride_oh, DIM_PAD, HEAD_DIM)
-        return
-    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SLOTS       # [BLOCK_H], slot 0
-    _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part + split, h_valid, m_i, l_i, acc, DIM_PAD, HEAD_DIM)
-    if not HAS_SHARED:
-        tl.debug_barrier()      # every thread's partials stored before the release below
-        arrivals = arrivals_ptr + seq * (NUM_HEADS // GROUP) + kv_head
-        if tl.atomic_add(arrivals, 1, sem="acq_rel") == used - 1:
-            tl.debug_barrier()
-            tl.store(arrivals, 0)
-            acc, l_sum = _combine_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, used, h_valid, BLOCK_H,
-                                           SLOTS_PAD, DIM_PAD, HEAD_DIM)
-            _store_out(out_ptr, row, head, h_valid, acc, l_sum, stride_ob, stride_oh, DIM_PAD, HEAD_DIM)
+    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SLOTS + split       # [BLOCK_H]
+    _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, h_valid, m_i, l_i, acc, DIM_PAD, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -395,11 +341,10 @@ def _decode_reduce_kernel(
         stride_oh,
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
-        SLOTS_PAD: tl.constexpr, HAS_ROWS: tl.constexpr, PDL: tl.constexpr):
-    """Cascade attention's second level, grid (B, heads): rescale each written partial (the splits
-    after the shared prefix, then the shared prefix's splits) by exp2(m_slot - m_max) and normalise.
-    A sequence with seq_len 0 has no written partial and gets a zero row, unless HAS_ROWS (its row
-    is another kernel's)."""
+        SLOTS_PAD: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ROWS: tl.constexpr, PDL: tl.constexpr):
+    """Grid (B, heads): rescale each written partial (the splits after the shared prefix, then
+    the shared prefix's splits) by exp2(m_slot - m_max) and normalise. A sequence with seq_len 0
+    has no written partial and gets a zero row, unless HAS_ROWS (its row is another kernel's)."""
     wait_for_inputs(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -407,13 +352,14 @@ def _decode_reduce_kernel(
     if HAS_ROWS:
         if seq_len == 0:
             return
-    shared = tl.load(shared_lens_ptr + seq)
+    shared = tl.load(shared_lens_ptr + seq) if HAS_SHARED else 0
     offs_s = tl.arange(0, SLOTS_PAD)
     split_len = _split_len(seq_len - shared, NUM_SPLITS, BLOCK_N)
     s_valid = (offs_s < NUM_SPLITS) & (shared + offs_s * split_len < seq_len)
-    prefix_split = offs_s - NUM_SPLITS
-    prefix_split_len = _split_len(shared, PREFIX_SPLITS, BLOCK_N)
-    s_valid |= (prefix_split >= 0) & (prefix_split < PREFIX_SPLITS) & (prefix_split * prefix_split_len < shared)
+    if HAS_SHARED:
+        prefix_split = offs_s - NUM_SPLITS
+        prefix_split_len = _split_len(shared, PREFIX_SPLITS, BLOCK_N)
+        s_valid |= (prefix_split >= 0) & (prefix_split < PREFIX_SPLITS) & (prefix_split * prefix_split_len < shared)
     offs_d = tl.arange(0, DIM_PAD)
     d_valid = offs_d < HEAD_DIM
     part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SLOTS + offs_s
@@ -439,8 +385,7 @@ def _decode_reduce_kernel(
 # thus gets 2 splits, 128 gets 3, batch 1 at long context up to 64. Many programs a launch even out
 # contexts of different lengths: on the H200, with contexts uniform in 200-2048 (bench_kernels.py),
 # this and the tile below took decode attention from 308 to 292 us at batch 256, 167 to 148 at 128
-# and 85 to 75 at 48 (4 programs an SM and 64-position tiles before), the reduce kernel included (the
-# split kernel merges its partials itself since; see _decode_split_kernel).
+# and 85 to 75 at 48 (4 programs an SM and 64-position tiles before), the reduce kernel included.
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 64
 _PROGRAMS_PER_SM = 16
@@ -502,15 +447,11 @@ def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, sc
                   DOT_PRECISION=_dot_precision(query.dtype))
     chained = pdl.launch_options(query.device)
     launch = dict(num_warps=num_warps, num_stages=num_stages, **chained)
-    slots_pad = triton.next_power_of_2(num_slots)
     _decode_split_kernel[(num_kv_heads, num_splits, batch)](
         query, k_cache, v_cache, seq_lens, shared_lens, query_rows, block_tables,
-        part_m, part_l, part_acc, _arrivals(query.device, batch * num_kv_heads), out, scale * _LOG2E, *strides,
-        out.stride(0), out.stride(1), **shapes, SLOTS_PAD=slots_pad,
+        part_m, part_l, part_acc, scale * _LOG2E, *strides, **shapes,
         BLOCK_H=max(16, triton.next_power_of_2(group)), HAS_SHARED=has_shared, **launch)
-    if not has_shared:
-        return
-    if tile_lens.shape[0] > 0:
+    if has_shared and tile_lens.shape[0] > 0:
         tile_size = tile_seqs.shape[1]
         _shared_prefix_kernel[(tile_lens.shape[0], num_kv_heads, prefix_splits)](
             query, k_cache, v_cache, query_rows, block_tables, tile_seqs, tile_lens, part_m, part_l, part_acc,
@@ -519,23 +460,8 @@ def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, sc
     _decode_reduce_kernel[(batch, num_heads)](
         part_m, part_l, part_acc, seq_lens, shared_lens, query_rows, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        PREFIX_SPLITS=prefix_splits, NUM_SLOTS=num_slots, SLOTS_PAD=slots_pad, HAS_ROWS=has_rows, num_warps=4,
-        **chained)
-
-
-_arrival_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device, count: int) -> torch.Tensor:
-    """The split kernel's arrival counters, one per (sequence, KV head): zeros between launches (the
-    last arrival resets its counter), so one buffer per device serves every launch and every CUDA
-    graph; launches on one device must not run concurrently. Grown only outside graph capture
-    (graphs are captured largest first, each after an eager run of the same shapes)."""
-    counters = _arrival_counters.get(device)
-    if counters is None or counters.numel() < count:
-        assert device.type != "cuda" or not torch.cuda.is_current_stream_capturing(), "counters grown in a capture"
-        counters = _arrival_counters[device] = torch.zeros(max(count, 1 << 14), dtype=torch.int32, device=device)
-    return counters
+        PREFIX_SPLITS=prefix_splits, NUM_SLOTS=num_slots, SLOTS_PAD=triton.next_power_of_2(num_slots),
+        HAS_SHARED=has_shared, HAS_ROWS=has_rows, num_warps=4, **chained)
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
