@@ -284,6 +284,27 @@ def test_decode_attention(cfg, max_model_len, copies):
     assert (out[padding] == 0).all()
 
 
+@pytest.mark.parametrize("cfg,heads,max_model_len", [(CONFIGS[0], 4, 1024), (CONFIGS[1], 16, 1024)],
+                         ids=lambda p: _ids(p) if isinstance(p, tuple) else f"{p}")
+def test_decode_reduce_with_several_heads_a_program(monkeypatch, cfg, heads, max_model_len):
+    """The reduce kernel's programs taking several heads (the last program of 9 heads in fours
+    holding one), plain and after cascade tiles; _reduce_heads picks 1 for these small batches."""
+    monkeypatch.setattr(pa_mod, "_reduce_heads", lambda *args: heads)
+    test_decode_attention(cfg, max_model_len, 1)
+    test_decode_attention_shared_prefix(cfg)
+
+
+def test_reduce_heads_fill_the_sms_in_one_wave():
+    dev = torch.device(DEVICE)
+    sms = pa_mod._num_sms(dev)
+    assert pa_mod._reduce_heads(1, 16, 64, dev) == 1
+    assert pa_mod._reduce_heads(256, 16, 2, dev) == (16 if 256 >= sms else 8)
+    for batch, slots in [(48, 8), (128, 4), (256, 2), (8, 16)]:
+        heads = pa_mod._reduce_heads(batch, 16, slots, dev)
+        assert heads * slots <= pa_mod._REDUCE_TILE_SLOTS
+        assert heads == 1 or batch * 16 // heads >= sms
+
+
 def test_decode_split_count_depends_on_shapes_only():
     """CUDA-graph safety: the split count comes from batch, kv heads and max_model_len alone."""
     dev = torch.device(DEVICE)

@@ -341,13 +341,14 @@ def _decode_reduce_kernel(
         stride_oh,
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
-        SLOTS_PAD: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ROWS: tl.constexpr, PDL: tl.constexpr):
-    """Grid (B, heads): rescale each written partial (the splits after the shared prefix, then
-    the shared prefix's splits) by exp2(m_slot - m_max) and normalise. A sequence with seq_len 0
-    has no written partial and gets a zero row, unless HAS_ROWS (its row is another kernel's)."""
+        SLOTS_PAD: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_SHARED: tl.constexpr,
+        HAS_ROWS: tl.constexpr, PDL: tl.constexpr):
+    """Grid (B, heads / HEADS_PER_PROGRAM): rescale each written partial (the splits after the shared
+    prefix, then the shared prefix's splits) by exp2(m_slot - m_max) and normalise. A sequence with
+    seq_len 0 has no written partial and gets a zero row, unless HAS_ROWS (its row is another
+    kernel's). A program takes several heads of its sequence, all their slots in one load."""
     wait_for_inputs(PDL)
     seq = tl.program_id(0)
-    head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     if HAS_ROWS:
         if seq_len == 0:
@@ -360,21 +361,23 @@ def _decode_reduce_kernel(
         prefix_split = offs_s - NUM_SPLITS
         prefix_split_len = _split_len(shared, PREFIX_SPLITS, BLOCK_N)
         s_valid |= (prefix_split >= 0) & (prefix_split < PREFIX_SPLITS) & (prefix_split * prefix_split_len < shared)
+    head = tl.program_id(1) * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
     offs_d = tl.arange(0, DIM_PAD)
     d_valid = offs_d < HEAD_DIM
-    part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SLOTS + offs_s
-    m = tl.load(part_m_ptr + part, mask=s_valid, other=float("-inf"))
-    l = tl.load(part_l_ptr + part, mask=s_valid, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=s_valid[:, None] & d_valid[None, :], other=0.0)
-    m_max = tl.max(m, 0)
+    part = (seq * NUM_HEADS + head[:, None]).to(tl.int64) * NUM_SLOTS + offs_s[None, :]    # [heads, slots]
+    valid = s_valid[None, :] & (head < NUM_HEADS)[:, None]
+    m = tl.load(part_m_ptr + part, mask=valid, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=valid, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                  mask=valid[:, :, None] & d_valid[None, None, :], other=0.0)
+    m_max = tl.max(m, 1)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.where(s_valid, tl.exp2(m - m_max), 0.0)
-    denom = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    w = tl.where(valid, tl.exp2(m - m_max[:, None]), 0.0)
+    denom = tl.sum(l * w, 1)
+    out = tl.sum(acc * w[:, :, None], 1) / tl.where(denom > 0, denom, 1.0)[:, None]
     row = tl.load(q_rows_ptr + seq) if HAS_ROWS else seq
-    tl.store(out_ptr + row.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=d_valid)
+    tl.store(out_ptr + row.to(tl.int64) * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(head < NUM_HEADS)[:, None] & d_valid[None, :])
 
 
 # Split sizing. Each sequence's context is cut into num_splits equal pieces (whole BLOCK_N tiles), with
@@ -457,11 +460,30 @@ def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, sc
             query, k_cache, v_cache, query_rows, block_tables, tile_seqs, tile_lens, part_m, part_l, part_acc,
             scale * _LOG2E, *strides, **shapes, TILE_SEQS=tile_size,
             BLOCK_M=max(16, triton.next_power_of_2(tile_size * group)), PREFIX_SPLITS=prefix_splits, **launch)
-    _decode_reduce_kernel[(batch, num_heads)](
+    slots_pad = triton.next_power_of_2(num_slots)
+    heads_per_program = _reduce_heads(batch, num_heads, slots_pad, query.device)
+    _decode_reduce_kernel[(batch, triton.cdiv(num_heads, heads_per_program))](
         part_m, part_l, part_acc, seq_lens, shared_lens, query_rows, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        PREFIX_SPLITS=prefix_splits, NUM_SLOTS=num_slots, SLOTS_PAD=triton.next_power_of_2(num_slots),
+        PREFIX_SPLITS=prefix_splits, NUM_SLOTS=num_slots, SLOTS_PAD=slots_pad, HEADS_PER_PROGRAM=heads_per_program,
         HAS_SHARED=has_shared, HAS_ROWS=has_rows, num_warps=4, **chained)
+
+
+# The reduce runs after the split kernel has ended, so its time is its programs' latency: one program
+# a (sequence, head) made 2-4 waves of short programs at batches 48-256 and added 5.5-7 us a layer
+# on the H200 (benchmarks/results/h200/decode-critical-path-batches-672247e.txt). A program takes as
+# many heads as keep its tile (heads x slots) within _REDUCE_TILE_SLOTS and the grid at least a
+# program an SM.
+_REDUCE_TILE_SLOTS = 64
+
+
+def _reduce_heads(batch: int, num_heads: int, slots_pad: int, device: torch.device) -> int:
+    """Heads a reduce program takes (a power of two)."""
+    heads = 1
+    while (heads * 2 <= num_heads and heads * 2 * slots_pad <= _REDUCE_TILE_SLOTS
+           and batch * triton.cdiv(num_heads, heads * 2) >= _num_sms(device)):
+        heads *= 2
+    return heads
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
