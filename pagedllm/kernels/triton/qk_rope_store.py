@@ -12,19 +12,14 @@ from pagedllm.kernels.triton.pdl import wait_for_inputs
 
 
 @triton.jit
-def _norm_rotate(row, heads, dims, mask, cos, sin, w_ptr, eps,
-                 HEAD_DIM: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
-    """Heads [HEADS_PAD, HALF] x 2 halves of one token: loaded, normalised (rounded as the unfused
+def _norm_rotate(x1, x2, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
+    """Heads [HEADS_PAD, HALF] x 2 halves of one token, as loaded: normalised (rounded as the unfused
     norm stores them), rotated in fp32."""
-    x1 = tl.load(row + heads * HEAD_DIM + dims, mask=mask, other=0.0)
-    x2 = tl.load(row + heads * HEAD_DIM + HALF + dims, mask=mask, other=0.0)
     dtype = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
     if NORM:
         rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
-        w1 = tl.load(w_ptr + dims, mask=dims < HALF).to(tl.float32)
-        w2 = tl.load(w_ptr + HALF + dims, mask=dims < HALF).to(tl.float32)
         x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
@@ -37,36 +32,56 @@ def _qk_rope_store_kernel(qkv_ptr, q_out_ptr, positions_ptr, cos_ptr, sin_ptr, q
                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                           Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
                           BLOCK_SIZE: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
-    """One program per token."""
+    """One program per token. Every load that does not need another's value is issued before any of
+    them is used (the position's cos/sin rows the only second round trip): a warp issues in order,
+    so a load placed after a use waits for it, and the program is a few such waits long."""
     HALF: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, HALF_PAD)[None, :]
+    in_half = dims < HALF
+    if NORM:    # weights: before the wait, as nothing writes them
+        q_w1 = tl.load(q_w_ptr + dims, mask=in_half).to(tl.float32)
+        q_w2 = tl.load(q_w_ptr + HALF + dims, mask=in_half).to(tl.float32)
+        k_w1 = tl.load(k_w_ptr + dims, mask=in_half).to(tl.float32)
+        k_w2 = tl.load(k_w_ptr + HALF + dims, mask=in_half).to(tl.float32)
+    else:
+        q_w1 = None
+        q_w2 = None
+        k_w1 = None
+        k_w2 = None
     wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, HALF_PAD)[None, :]
-    cos = tl.load(cos_ptr + pos * stride_cos + dims, mask=dims < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_cos + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     row = qkv_ptr + token * stride_qkv
-
     q_heads = tl.arange(0, Q_PAD)[:, None]
-    q_mask = (q_heads < NUM_HEADS) & (dims < HALF)
-    q1, q2 = _norm_rotate(row, q_heads, dims, q_mask, cos, sin, q_w_ptr, eps, HEAD_DIM, HALF, NORM)
+    q_mask = (q_heads < NUM_HEADS) & in_half
+    q1 = tl.load(row + q_heads * HEAD_DIM + dims, mask=q_mask, other=0.0)
+    q2 = tl.load(row + q_heads * HEAD_DIM + HALF + dims, mask=q_mask, other=0.0)
+    kv_heads = tl.arange(0, KV_PAD)[:, None]
+    kv_mask = (kv_heads < NUM_KV_HEADS) & in_half
+    k_row = row + NUM_HEADS * HEAD_DIM + kv_heads * HEAD_DIM + dims
+    v_row = k_row + NUM_KV_HEADS * HEAD_DIM
+    k1 = tl.load(k_row, mask=kv_mask, other=0.0)
+    k2 = tl.load(k_row + HALF, mask=kv_mask, other=0.0)
+    v1 = tl.load(v_row, mask=kv_mask)
+    v2 = tl.load(v_row + HALF, mask=kv_mask)
+    cos = tl.load(cos_ptr + pos * stride_cos + dims, mask=in_half, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_cos + dims, mask=in_half, other=0.0).to(tl.float32)
+
+    q1, q2 = _norm_rotate(q1, q2, q_w1, q_w2, cos, sin, eps, HEAD_DIM, NORM)
     q_out = q_out_ptr + token * (NUM_HEADS * HEAD_DIM) + q_heads * HEAD_DIM + dims
     tl.store(q_out, q1.to(q_out_ptr.dtype.element_ty), mask=q_mask)
     tl.store(q_out + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=q_mask)
 
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot >= 0:
-        kv_heads = tl.arange(0, KV_PAD)[:, None]
-        kv_mask = (kv_heads < NUM_KV_HEADS) & (dims < HALF)
-        k_row = row + NUM_HEADS * HEAD_DIM
-        k1, k2 = _norm_rotate(k_row, kv_heads, dims, kv_mask, cos, sin, k_w_ptr, eps, HEAD_DIM, HALF, NORM)
-        at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_heads * stride_ch + dims
-        cache_dtype = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + at, k1.to(q_out_ptr.dtype.element_ty).to(cache_dtype), mask=kv_mask)
-        tl.store(k_cache_ptr + at + HALF, k2.to(q_out_ptr.dtype.element_ty).to(cache_dtype), mask=kv_mask)
-        v_row = k_row + NUM_KV_HEADS * HEAD_DIM + kv_heads * HEAD_DIM + dims
-        tl.store(v_cache_ptr + at, tl.load(v_row, mask=kv_mask).to(cache_dtype), mask=kv_mask)
-        tl.store(v_cache_ptr + at + HALF, tl.load(v_row + HALF, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+    k1, k2 = _norm_rotate(k1, k2, k_w1, k_w2, cos, sin, eps, HEAD_DIM, NORM)
+    store = kv_mask & (kv_heads * 0 + slot >= 0)   # slot -1 (padding): nothing stored. A block, not a
+    # scalar, on the right: the CPU interpreter turns a broadcast scalar mask into integers
+    at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_heads * stride_ch + dims
+    cache_dtype = k_cache_ptr.dtype.element_ty
+    tl.store(k_cache_ptr + at, k1.to(q_out_ptr.dtype.element_ty).to(cache_dtype), mask=store)
+    tl.store(k_cache_ptr + at + HALF, k2.to(q_out_ptr.dtype.element_ty).to(cache_dtype), mask=store)
+    tl.store(v_cache_ptr + at, v1.to(cache_dtype), mask=store)
+    tl.store(v_cache_ptr + at + HALF, v2.to(cache_dtype), mask=store)
 
 
 def qk_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
