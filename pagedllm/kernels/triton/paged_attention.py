@@ -362,10 +362,11 @@ def _decode_reduce_kernel(
         prefix_split_len = _split_len(shared, PREFIX_SPLITS, BLOCK_N)
         s_valid |= (prefix_split >= 0) & (prefix_split < PREFIX_SPLITS) & (prefix_split * prefix_split_len < shared)
     head = tl.program_id(1) * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
+    h_valid = head < NUM_HEADS
     offs_d = tl.arange(0, DIM_PAD)
     d_valid = offs_d < HEAD_DIM
     part = (seq * NUM_HEADS + head[:, None]).to(tl.int64) * NUM_SLOTS + offs_s[None, :]    # [heads, slots]
-    valid = s_valid[None, :] & (head < NUM_HEADS)[:, None]
+    valid = s_valid[None, :] & h_valid[:, None]
     m = tl.load(part_m_ptr + part, mask=valid, other=float("-inf"))
     l = tl.load(part_l_ptr + part, mask=valid, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
@@ -377,7 +378,7 @@ def _decode_reduce_kernel(
     out = tl.sum(acc * w[:, :, None], 1) / tl.where(denom > 0, denom, 1.0)[:, None]
     row = tl.load(q_rows_ptr + seq) if HAS_ROWS else seq
     tl.store(out_ptr + row.to(tl.int64) * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=(head < NUM_HEADS)[:, None] & d_valid[None, :])
+             out.to(out_ptr.dtype.element_ty), mask=h_valid[:, None] & d_valid[None, :])
 
 
 # Split sizing. Each sequence's context is cut into num_splits equal pieces (whole BLOCK_N tiles), with
