@@ -125,13 +125,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few tiles (a smoke test)")
     parser.add_argument("--check", action="store_true", help="correctness only, on small shapes")
+    parser.add_argument("--only", default="", help="shapes whose name starts with this (e.g. 0.6B)")
     args = parser.parse_args()
     check()
     if args.check:
         return
     print(torch.cuda.get_device_name(0), "torch", torch.__version__, "triton", triton.__version__)
     for name, (n, k) in SHAPES.items():
-        for m in ROWS:
+        for m in ROWS if name.startswith(args.only) else ():
             sweep(name, n, k, m, args.quick)
 
 
