@@ -4,7 +4,7 @@ an eager run of the model on the padded bucket. Greedy outputs must equal the pl
 The real capture and replay run in tests/test_gpu.py."""
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.worker.cuda_graphs import CudaGraphs, bucket_sizes, longest_first
+from pagedllm.worker.cuda_graphs import CudaGraphs, bucket_sizes
 from tests.conftest import assert_no_leaks, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -41,10 +41,6 @@ def test_bucket_sizes():
     assert bucket_sizes([1, 2, 4, 8], 3) == [1, 2, 3]
     assert bucket_sizes([1, 2, 4, 8], 8) == [1, 2, 4, 8]
     assert bucket_sizes([1, 2, 4, 8], 20) == [1, 2, 4, 8]   # beyond the table: eager
-
-
-def test_decode_order_is_longest_context_first_then_padding():
-    assert longest_first([30, 700, 30, 512], 6).tolist() == [1, 3, 0, 2, 4, 5]
 
 
 def test_padded_buckets_give_the_eager_outputs(tiny_models):

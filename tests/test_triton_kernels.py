@@ -295,23 +295,6 @@ def test_decode_reduce_with_several_heads_a_program(monkeypatch, cfg, heads, max
     test_decode_attention_shared_prefix(cfg)
 
 
-def test_decode_attention_in_seq_order_gives_the_same_rows():
-    """A seq_order (longest context first, as the CUDA graphs pass it) changes only which program
-    takes which sequence: every row comes out bitwise as without one, padding rows zero."""
-    num_heads, kvh, d, block_size, dtype = 4, 2, 32, 16, torch.float16
-    gen = torch.Generator().manual_seed(9)
-    seq_lens = [int(n) for n in torch.randint(1, 90, (pa_mod._ORDER_MIN_BATCH - 1,), generator=gen)] + [0]
-    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 2
-    k_cache, v_cache = _pool(num_blocks, block_size, kvh, d, dtype, gen)
-    tables = _block_tables([max(n, 1) for n in seq_lens], block_size, num_blocks, gen)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    query = torch.randn(len(seq_lens), num_heads, d, generator=gen).to(dtype).to(DEVICE)
-    order = torch.tensor(sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i]), dtype=torch.int32, device=DEVICE)
-    plain = pa_mod.decode_attention(query, k_cache, v_cache, lens, tables, d ** -0.5, 256)
-    ordered = pa_mod.decode_attention(query, k_cache, v_cache, lens, tables, d ** -0.5, 256, seq_order=order)
-    assert torch.equal(ordered, plain) and (ordered[-1] == 0).all()
-
-
 def test_reduce_heads_fill_the_sms_in_one_wave():
     dev = torch.device(DEVICE)
     sms = pa_mod._num_sms(dev)

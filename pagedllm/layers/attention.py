@@ -36,8 +36,6 @@ class AttentionMetadata:
     # (0 for the others), which then go through the decode kernels instead of the unified one
     shared: SharedPrefixes | None = None
     single_token_lens: torch.Tensor | None = None   # [B] int32
-    # decode-only steps: the sequences longest context first, the order the split kernel takes them in
-    seq_order: torch.Tensor | None = None           # [B] int32
 
     @property
     def decode_only(self) -> bool:
@@ -113,7 +111,7 @@ class TritonBackend:
         shared = {} if md.shared is None else vars(md.shared)
         if md.decode_only:
             return self._decode(query, k_cache, v_cache, md.seq_lens, md.block_tables, scale, self.max_model_len,
-                                seq_order=md.seq_order, **shared)
+                                **shared)
         singles = md.single_token_lens
         out = self._mixed(query, k_cache, v_cache, md.cu_seqlens_q, md.seq_lens, md.block_tables, scale,
                           md.max_query_len, md.max_seq_len, skip_single_token=singles is not None)

@@ -45,14 +45,6 @@ def bucket_sizes(table: list[int], limit: int) -> list[int]:
     return sizes + [limit] if limit <= table[-1] else sizes
 
 
-def longest_first(seq_lens: list[int], size: int) -> np.ndarray:
-    """A decode bucket's sequence order for the split kernel: real sequences by falling context
-    length, then the padding rows (length 0)."""
-    lens = np.zeros(size, np.int64)
-    lens[:len(seq_lens)] = seq_lens
-    return np.argsort(-lens, kind="stable")
-
-
 @dataclass
 class _Static:
     """Input buffers the graphs read; each replay overwrites their leading rows."""
@@ -66,7 +58,6 @@ class _Static:
     hidden: torch.Tensor         # [max tokens, hidden] the graphs' output
     single_lens: torch.Tensor    # [max seqs] int32, mixed steps: seq_len of single-token sequences
     shared_lens: torch.Tensor    # [max seqs] int32, cascade plan
-    seq_order: torch.Tensor      # [max seqs] int32, decode steps: sequences longest context first
     tile_seqs: torch.Tensor      # [MAX_TILES, tile size] int32
     tile_lens: torch.Tensor      # [MAX_TILES] int32
 
@@ -98,7 +89,6 @@ class CudaGraphs:
             hidden=torch.zeros(tokens, hidden_size, dtype=dtype, device=device),
             single_lens=seqs.clone(),
             shared_lens=seqs.clone(),
-            seq_order=torch.arange(max_num_seqs, dtype=torch.int32, device=device),
             tile_seqs=torch.full((MAX_TILES, max(shared_tile_size, 1)), -1, dtype=torch.int32, device=device),
             tile_lens=torch.zeros(MAX_TILES, dtype=torch.int32, device=device))
         self.graphs: dict[str, dict[int, torch.cuda.CUDAGraph]] = {kind: {} for kind in self.sizes}
@@ -120,7 +110,7 @@ class CudaGraphs:
             shared = SharedPrefixes(s.shared_lens[:size], s.tile_seqs, s.tile_lens) if kind == "shared" else None
             md = AttentionMetadata(s.slot_mapping[:size], s.cu_decode[:size + 1], s.seq_lens[:size],
                                    s.block_tables[:size], max_query_len=1, max_seq_len=self.max_model_len,
-                                   shared=shared, seq_order=s.seq_order[:size])
+                                   shared=shared)
         return s.input_ids[:size], s.positions[:size], md
 
     @torch.inference_mode()
@@ -170,10 +160,11 @@ class CudaGraphs:
         num_tokens, num_seqs = len(batch.input_ids), len(batch.seq_lens)
         kind, size = self._pick(num_tokens, num_seqs, plan is not None)
         s = self.static
-        packed = [batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, block_tables.ravel(),
-                  batch.cu_seqlens_q if kind == "mixed" else longest_first(batch.seq_lens, size)]
+        packed = [batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, block_tables.ravel()]
+        if kind == "mixed":
+            packed.append(batch.cu_seqlens_q)
         parts = to_device(np.concatenate(packed), torch.int64, s.input_ids.device).split(
-            [num_tokens] * 3 + [num_seqs, block_tables.size, len(packed[-1])])
+            [num_tokens] * 3 + [num_seqs, block_tables.size] + ([num_seqs + 1] if kind == "mixed" else []))
         s.input_ids[:num_tokens].copy_(parts[0])
         fill_pending(s.input_ids, batch)
         s.positions[:num_tokens].copy_(parts[1])
@@ -185,8 +176,6 @@ class CudaGraphs:
         if kind == "mixed":
             s.cu_mixed[:num_seqs + 1].copy_(parts[5])
             s.cu_mixed[num_seqs + 1:].fill_(num_tokens)
-        else:
-            s.seq_order[:size].copy_(parts[5])
         if kind == "shared" or (kind == "mixed" and self.shared_tile_size):
             self._set_cascade(single_lens, plan, num_seqs)
         self.graphs[kind][size].replay()

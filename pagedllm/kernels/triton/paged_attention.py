@@ -185,8 +185,7 @@ def _paged_attention_launch(query, k_cache, v_cache, cu_seqlens_q, seq_lens, blo
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), GROUP=group,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        MIN_Q_LEN=2 if skip_single_token else 1, DOT_PRECISION=_dot_precision(query.dtype), num_warps=num_warps,
-        num_stages=num_stages)
+        MIN_Q_LEN=2 if skip_single_token else 1, DOT_PRECISION=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -242,13 +241,13 @@ def _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, valid, m_i, l_i,
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, shared_lens_ptr, q_rows_ptr, block_tables_ptr, seq_order_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, shared_lens_ptr, q_rows_ptr, block_tables_ptr,
         part_m_ptr, part_l_ptr, part_acc_ptr, scale_log2,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ROWS: tl.constexpr,
-        HAS_ORDER: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Grid (kv heads, NUM_SPLITS, B). A program attends the GROUP query heads of one KV head (padded
     to BLOCK_H >= 16 rows for tl.dot) to its split of the context after the sequence's shared
     prefix (positions shared_lens[seq].., see _shared_prefix_kernel) and writes the partial row max
@@ -256,12 +255,11 @@ def _decode_split_kernel(
     The query is row q_rows[seq] of q with HAS_ROWS (a mixed step's single tokens), else row seq.
     The KV head is the fastest grid axis: programs that run side by side read the neighbouring
     per-head rows of the same cache blocks (2% faster than sequence-first at batches 128-256 on the
-    H200, benchmarks/results/h200/decode-grid-order-7e0fec0.txt). HAS_ORDER: the sequence axis
-    takes the sequences in seq_order's order (see decode_attention)."""
+    H200, benchmarks/results/h200/decode-grid-order-7e0fec0.txt)."""
     wait_for_inputs(PDL)
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
-    seq = tl.load(seq_order_ptr + tl.program_id(2)) if HAS_ORDER else tl.program_id(2)
+    seq = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     shared = tl.load(shared_lens_ptr + seq) if HAS_SHARED else 0
     split_len = _split_len(seq_len - shared, NUM_SPLITS, BLOCK_N)
@@ -395,12 +393,6 @@ def _decode_reduce_kernel(
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 64
 _PROGRAMS_PER_SM = 16
-# The GPU starts a grid's programs about in index order, and the sequence is the split kernel's slowest
-# axis: a long context's programs, started last, run on while SMs fall idle. Taken longest first (a
-# seq_order from the caller), decode attention over nano-like contexts (uniform 200-2048) took 0.2-4.5%
-# less time at batches 24-256 on the H200 and 1.7% more at batch 8
-# (benchmarks/results/h200/decode-order-sweep-*.txt), hence only from this batch size on.
-_ORDER_MIN_BATCH = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -438,7 +430,7 @@ def shared_tile_seqs(num_heads: int, num_kv_heads: int) -> int:
 
 def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits: int,
                              block_n: int, num_warps: int, num_stages: int, shared_lens=None, tile_seqs=None,
-                             tile_lens=None, query_rows=None, seq_order=None) -> None:
+                             tile_lens=None, query_rows=None) -> None:
     batch = seq_lens.shape[0]
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = k_cache.shape[2]
@@ -461,9 +453,8 @@ def _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, sc
     launch = dict(num_warps=num_warps, num_stages=num_stages, **chained)
     _decode_split_kernel[(num_kv_heads, num_splits, batch)](
         query, k_cache, v_cache, seq_lens, shared_lens, query_rows, block_tables,
-        seq_lens if seq_order is None else seq_order, part_m, part_l, part_acc, scale * _LOG2E, *strides, **shapes,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), HAS_SHARED=has_shared, HAS_ORDER=seq_order is not None,
-        **launch)
+        part_m, part_l, part_acc, scale * _LOG2E, *strides, **shapes,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), HAS_SHARED=has_shared, **launch)
     if has_shared and tile_lens.shape[0] > 0:
         tile_size = tile_seqs.shape[1]
         _shared_prefix_kernel[(tile_lens.shape[0], num_kv_heads, prefix_splits)](
@@ -500,7 +491,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_model_len: int,
                      out: torch.Tensor | None = None, shared_lens: torch.Tensor | None = None,
                      tile_seqs: torch.Tensor | None = None, tile_lens: torch.Tensor | None = None,
-                     query_rows: torch.Tensor | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                     query_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention: one query token per sequence at position seq_lens[i] - 1, attending to
     positions 0..seq_lens[i]-1 of the paged pool.
 
@@ -516,9 +507,6 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     [tiles] int32 the positions they share (a multiple of the block size, at most each member's
     seq_len; 0 for an unused tile), shared_lens [B] int32 each sequence's tile length (0 if in none).
     The shared positions are read once per tile; the rest of each context as usual.
-
-    seq_order [B] int32, optional: a permutation of the sequences, longest context first, in which the
-    split kernel takes them (results do not depend on it; from _ORDER_MIN_BATCH sequences on).
     """
     if out is None:
         out = torch.empty_like(query)
@@ -531,6 +519,5 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     num_splits = _num_splits(batch, k_cache.shape[2], max_model_len, query.device)
     config = _decode_config(batch, k_cache.shape[2], shared_lens is not None, query.device)
     _decode_attention_launch(query, k_cache, v_cache, seq_lens, block_tables, scale, out, num_splits, **config,
-                             shared_lens=shared_lens, tile_seqs=tile_seqs, tile_lens=tile_lens, query_rows=query_rows,
-                             seq_order=seq_order if batch >= _ORDER_MIN_BATCH else None)
+                             shared_lens=shared_lens, tile_seqs=tile_seqs, tile_lens=tile_lens, query_rows=query_rows)
     return out
