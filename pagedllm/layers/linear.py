@@ -68,13 +68,13 @@ def activation_in_gate_up(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
 
 def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     """Which of our kernels takes x @ weight.T: one row of a matrix under SKINNY_MAX_WEIGHTS the
-    skinny one (one-warp programs), the few rows that small_gemm.takes() the small-batch one
-    (tensor-core tiles); None for cuBLAS (more rows, a bias, another dtype or device)."""
+    skinny one (one-warp programs), up to small_gemm.MAX_ROWS rows the small-batch one (tensor-core
+    tiles); None for cuBLAS (more rows, a bias, another dtype or device)."""
     if bias is not None or not x.is_cuda or x.dtype not in TRITON_DTYPES or x.dim() != 2 or x.stride(1) != 1:
         return None
     if x.shape[0] == 1 and x.is_contiguous() and weight.numel() < SKINNY_MAX_WEIGHTS:
         return "skinny_gemm"
-    return "small_gemm" if triton_module("small_gemm").takes(x.shape[0], *weight.shape) else None
+    return "small_gemm" if x.shape[0] <= triton_module("small_gemm").MAX_ROWS else None
 
 
 def copy_whole(param: torch.Tensor, tensor: torch.Tensor, shard: int | None = None) -> None:

@@ -1,4 +1,4 @@
-"""y = x @ w.T for the few rows of a decode step (up to MAX_ROWS; see takes()), optionally followed by the MLP's
+"""y = x @ w.T for the few rows of a decode step (up to MAX_ROWS), optionally followed by the MLP's
 SiLU-and-mul in the epilogue (w = [gate | up]: y = silu(x @ gate.T) * (x @ up.T)), so that the
 activation kernel goes away.
 
@@ -21,20 +21,6 @@ from pagedllm.kernels.triton.pdl import wait_for_inputs
 
 MAX_ROWS = 64
 SHARED_MEMORY = 200 * 1024   # bytes of K tiles a program may take (227 KB an SM on Hopper)
-# Up to NARROW_MAX_ROWS rows also the projections whose outputs are at most half their inputs and
-# whose weights are small (Qwen3-0.6B's o and down): at 96 and 128 rows config()'s tiles took 5.4 us
-# for o against cuBLAS's 6.1, and 7.0 for down against 7.4-8.0, on the H200
-# (benchmarks/results/h200/tma-gemm-sweep-quick-3730f19.txt), where qkv and gate/up lost (7.9-10.1
-# against 5.4-6.2) and so did a large down (Qwen3-8B's, 41 against 34 us: small-gemm-sweep-large-e406889.txt).
-NARROW_MAX_ROWS = 128
-NARROW_MAX_WEIGHTS = 4 << 20   # elements
-
-
-def takes(rows: int, n: int, k: int) -> bool:
-    """Whether x [rows, k] @ w [n, k].T goes to this kernel rather than to cuBLAS."""
-    if rows <= MAX_ROWS:
-        return True
-    return rows <= NARROW_MAX_ROWS and 2 * n <= k and n * k <= NARROW_MAX_WEIGHTS
 
 
 @triton.jit
