@@ -75,12 +75,25 @@ def _build(path: Path, folder: Path, architectures: dict[str, str]) -> None:
 
 
 def _save(path: Path, out: Path, architectures: dict[str, str]) -> None:
-    from transformers import AutoConfig, AutoTokenizer
-    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    read_tokenizer(str(path)).save_pretrained(out)
+    read_config(str(path), architectures).save_pretrained(out)
+
+
+def read_config(gguf_file: str, architectures: dict[str, str]):
+    """The config from the GGUF's metadata (the slow parse), named architecture and all."""
+    from transformers import AutoConfig
+    folder, name = os.path.split(gguf_file)
+    config = AutoConfig.from_pretrained(folder or ".", gguf_file=name)
     if not getattr(config, "architectures", None):
         config.architectures = [architectures.get(config.model_type, config.model_type)]
-    config.save_pretrained(out)
+    return config
+
+
+def read_tokenizer(gguf_file: str):
+    """The tokenizer and chat template from the GGUF's metadata (the slow parse)."""
+    from transformers import AutoTokenizer
+    folder, name = os.path.split(gguf_file)
+    return AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
 
 
 def tensors(gguf_file: str) -> list[tuple[str, int, np.ndarray]]:

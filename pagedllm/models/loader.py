@@ -12,7 +12,6 @@ Sources:
 
 import importlib.util
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,11 +91,7 @@ def load_config(source: ModelSource):
         cached = gguf_cache.hf_folder(source.gguf_file, GGUF_ARCHITECTURES)
         if cached is not None:
             return AutoConfig.from_pretrained(cached)
-        folder, name = os.path.split(source.gguf_file)
-        config = AutoConfig.from_pretrained(folder or ".", gguf_file=name)
-        if not getattr(config, "architectures", None):
-            config.architectures = [GGUF_ARCHITECTURES.get(config.model_type, config.model_type)]
-        return config
+        return gguf_cache.read_config(source.gguf_file, GGUF_ARCHITECTURES)
     if source.config_file:
         return AutoConfig.from_pretrained(source.config_file)
     return AutoConfig.from_pretrained(source.folder)
@@ -128,8 +123,7 @@ def _gguf_tokenizer(gguf_file: str):
     cached = gguf_cache.hf_folder(gguf_file, GGUF_ARCHITECTURES)
     if cached is not None:
         return AutoTokenizer.from_pretrained(cached)
-    folder, name = os.path.split(gguf_file)
-    return AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
+    return gguf_cache.read_tokenizer(gguf_file)
 
 
 def iter_weights(source: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
